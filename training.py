@@ -1,0 +1,223 @@
+"""The training loop shared by cifar.py and imagenet.py, on an ignite Engine.
+
+One epoch: set the learning rate for the epoch, run the training steps (meters accumulate on
+the device), evaluate on the test set, write the checkpoint, then append the epoch's line to
+log.txt. The log line comes after the checkpoint, so a log line always has its checkpoint.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
+
+from checkpoint import CHECKPOINT, LOG, save_checkpoint, load_checkpoint, copy_params_, \
+    load_optimizer_state, append_log
+from errors import UserError
+from utils import at_loss, distillation, data_parallel
+
+
+# ----------------------------------------------------------------------------------------------
+# What is optimised
+
+def student_and_teacher(f_s, f_t):
+    """Joins a student f_s(x, params, mode, prefix) and a teacher f_t(x, params, prefix) into
+    f(x, params, mode) -> (student logits, teacher logits, one AT loss per group). Both live in
+    one dict under 'student.' and 'teacher.'; the teacher always runs in inference mode."""
+    def f(inputs, params, mode):
+        y_s, g_s = f_s(inputs, params, mode, 'student.')
+        with torch.no_grad():
+            y_t, g_t = f_t(inputs, params, 'teacher.')
+        return y_s, y_t, [at_loss(s, t) for s, t in zip(g_s, g_t)]
+    return f
+
+
+def student_alone(f_s):
+    def f(inputs, params, mode):
+        return f_s(inputs, params, mode)[0], None, []
+    return f
+
+
+def objective(opt, y_s, y_t, at_losses, targets):
+    """Cross-entropy alone, or KD plus beta times the sum of the per-group AT losses."""
+    if y_t is None:
+        return F.cross_entropy(y_s, targets)
+    return distillation(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses)
+
+
+def learning_rate(opt, epoch, epoch_step):
+    """LR of 1-based `epoch`: multiplied by lr_decay_ratio from each listed epoch on."""
+    return opt.lr * opt.lr_decay_ratio ** sum(epoch >= s for s in epoch_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meters
+
+class MeanStd(Metric):
+    """Mean and sample standard deviation of one scalar per batch (the reference code's
+    AverageValueMeter). Values stay on the device until the epoch ends: no host sync per step."""
+
+    def __init__(self, output_transform, device='cpu'):
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self):
+        self._values = []
+
+    def update(self, value):
+        self._values.append(value.detach().float().reshape(()))
+
+    def running_mean(self):
+        return torch.stack(self._values).mean() if self._values else float('nan')
+
+    def compute(self):
+        if not self._values:
+            return [None, None]
+        v = torch.stack(self._values).double().cpu()
+        std = v.std().item() if len(v) > 1 else None  # undefined for a single batch
+        return [v.mean().item(), std]
+
+
+def attach_meters(engine, n_groups, topk, device):
+    """Attaches loss, accuracy and per-group AT meters; returns the loss meter."""
+    loss = MeanStd(lambda o: o['loss'], device)
+    loss.attach(engine, 'loss')
+    Accuracy(lambda o: (o['y_pred'], o['y']), device=device).attach(engine, 'top1')
+    if topk > 1:
+        TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']), device=device).attach(engine, f'top{topk}')
+    for g in range(n_groups):
+        MeanStd(lambda o, g=g: o['at'][g], device).attach(engine, f'at{g}')
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Run set-up shared by the scripts
+
+def choose_device(opt):
+    os.environ.setdefault('CUDA_VISIBLE_DEVICES', str(opt.gpu_id))
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if opt.cuda:
+        raise UserError('--cuda was given but no CUDA device is visible; drop --cuda to train on the CPU')
+    if opt.ngpu > 1:
+        raise UserError(f'--ngpu {opt.ngpu} needs CUDA devices and none is visible; use --ngpu 1')
+    return torch.device('cpu')
+
+
+def seed_everything(opt):
+    """Uses --seed, or draws one and writes it into the options so the log records it."""
+    if opt.seed is None:
+        opt.seed = random.SystemRandom().randrange(2 ** 31)
+    random.seed(opt.seed)
+    np.random.seed(opt.seed)
+    torch.manual_seed(opt.seed)
+
+
+def check_run_dir(opt):
+    """--save names a new run, or the run being resumed: never append to another run's log."""
+    if not opt.save:
+        raise UserError('--save is required: name a directory for the log and checkpoint, '
+                        'e.g. --save logs/wrn16-1')
+    existing = [n for n in (LOG, CHECKPOINT) if os.path.exists(os.path.join(opt.save, n))]
+    if existing and not opt.resume:
+        raise UserError(f'{opt.save} already holds a run ({", ".join(existing)}); pass '
+                        f'--resume {os.path.join(opt.save, CHECKPOINT)} to continue it or choose '
+                        f'another --save')
+    if opt.resume:
+        load_checkpoint(opt.resume)  # fail now, before anything is created, if it is unreadable
+
+
+def parse_epoch_step(text):
+    import json
+    try:
+        steps = json.loads(text)
+        assert isinstance(steps, list) and all(isinstance(s, int) for s in steps)
+    except (ValueError, AssertionError):
+        raise UserError(f'--epoch_step {text!r} is not a JSON list of epochs, e.g. "[60,120,160]"') from None
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classes, n_groups,
+          device, topk=1):
+    """Trains params['student.*'] (or all trainable params) with SGD, evaluating, logging and
+    checkpointing after every epoch; resumes from --resume if given."""
+    epoch_step = parse_epoch_step(opt.epoch_step)
+    trainable = [v for v in params.values() if v.requires_grad]
+    optimizer = torch.optim.SGD(trainable, opt.lr, momentum=0.9, weight_decay=opt.weight_decay)
+    start_epoch = 0
+    if opt.resume:
+        state = load_checkpoint(opt.resume)
+        copy_params_(params, state['params'], opt.resume)
+        if state['optimizer'] is not None:
+            load_optimizer_state(optimizer, state['optimizer'], opt.resume)
+        start_epoch = state['epoch']
+    if start_epoch >= opt.epochs:
+        print(f'{opt.resume} has already trained {start_epoch} of {opt.epochs} epochs; nothing to do')
+        return
+    os.makedirs(opt.save, exist_ok=True)
+
+    def train_step(engine, batch):
+        x, y = batch
+        y_s, y_t, at_losses = data_parallel(f, x, params, True, range(opt.ngpu))
+        loss = objective(opt, y_s, y_t, at_losses, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y,
+                'at': [a.detach() for a in at_losses]}
+
+    @torch.no_grad()
+    def eval_step(engine, batch):
+        x, y = batch
+        y_s, y_t, at_losses = data_parallel(f, x, params, False, range(opt.ngpu))
+        return {'loss': objective(opt, y_s, y_t, at_losses, y), 'y_pred': y_s, 'y': y, 'at': at_losses}
+
+    trainer, evaluator = Engine(train_step), Engine(eval_step)
+    train_loss = attach_meters(trainer, n_groups, topk, device)
+    attach_meters(evaluator, 0, topk, device)
+    # The bar reads the epoch's mean loss every few steps only: each read is a host sync.
+    ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
+                                      event_name=Events.ITERATION_COMPLETED(every=10))
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def set_learning_rate(engine):
+        epoch = engine.state.epoch
+        for group in optimizer.param_groups:
+            group['lr'] = learning_rate(opt, epoch, epoch_step)
+        if epoch in epoch_step:
+            # The reference code builds a new optimizer at each step, so momentum restarts.
+            optimizer.state.clear()
+        train_loader.set_epoch(epoch)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def evaluate_and_log(engine):
+        train_time = engine.state.times[Events.EPOCH_COMPLETED.name]
+        test_state = evaluator.run(test_loader)
+        m, t = engine.state.metrics, test_state.metrics
+        stats = {
+            'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
+            'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
+            'epoch': engine.state.epoch, 'num_classes': num_classes, 'n_parameters': n_parameters,
+            'train_time': train_time, 'test_time': test_state.times[Events.COMPLETED.name],
+            'at_losses': [m[f'at{g}'] for g in range(n_groups)],
+        }
+        if topk > 1:
+            stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
+            stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
+        save_checkpoint(opt.save, params, optimizer, engine.state.epoch)
+        append_log(opt.save, {**vars(opt), **stats})
+        print(f'==> id: {opt.save} ({engine.state.epoch}/{opt.epochs}), '
+              f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
+              f'time: {train_time:.1f}s + {stats["test_time"]:.1f}s', flush=True)
+
+    if start_epoch:
+        trainer.load_state_dict({'epoch': start_epoch, 'max_epochs': opt.epochs,
+                                 'epoch_length': len(train_loader)})
+        trainer.run(train_loader)
+    else:
+        trainer.run(train_loader, max_epochs=opt.epochs)

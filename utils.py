@@ -1,0 +1,135 @@
+"""Functional building blocks over flat parameter dicts, and the transfer losses.
+
+A network here is a plain function of (input, params, mode); `params` maps names such as
+'group0.block0.bn0.weight' to tensors. Batch-norm running statistics live in the same dict
+(with requires_grad=False), so the dict alone is the checkpoint.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.init import kaiming_normal_
+from torch.nn.parallel import scatter, parallel_apply, gather
+from torch.nn.parallel._functions import Broadcast
+
+DTYPES = {'float': torch.float32, 'double': torch.float64,
+          'half': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention transfer and knowledge distillation (paper section 3.1, Hinton et al. 2015)
+
+def at(x):
+    """Activation-based attention map: F(A) = sum_c |A_c|^p with p = 2, flattened and
+    L2-normalised per sample (paper eq. 2 uses Q / ||Q||_2). Taking the channel *mean* instead
+    of the sum only rescales Q, which the normalisation removes."""
+    return F.normalize(x.pow(2).mean(1).flatten(1))
+
+
+def at_loss(x, y):
+    """Squared difference of the two normalised attention maps, averaged over batch and
+    positions. The paper writes beta/2 * ||Q_s - Q_t||_p; the reference code uses this mean,
+    and beta = 1e3 in the paper's experiments is calibrated for it."""
+    return (at(x) - at(y)).pow(2).mean()
+
+
+def distillation(y, teacher_scores, labels, T, alpha):
+    """Hinton's knowledge distillation:
+    alpha * T^2 * KL(softmax(t/T) || softmax(y/T)) + (1 - alpha) * CE(y, labels),
+    the KL summed over classes and averaged over the batch. T^2 keeps the soft-target
+    gradients on the same scale as the hard-target ones when T changes."""
+    p = F.log_softmax(y / T, dim=1)
+    q = F.softmax(teacher_scores / T, dim=1)
+    kl = F.kl_div(p, q, reduction='sum') * (T ** 2) / y.shape[0]
+    return alpha * kl + (1. - alpha) * F.cross_entropy(y, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter constructors: Kaiming-normal convolutions and linear layers, BN scale uniform in
+# [0, 1) and zero shift, as in the reference code (keeps old hyper-parameters meaningful).
+
+def conv_params(ni, no, k=1):
+    return kaiming_normal_(torch.empty(no, ni, k, k))
+
+
+def linear_params(ni, no):
+    return {'weight': kaiming_normal_(torch.empty(no, ni)), 'bias': torch.zeros(no)}
+
+
+def bnparams(n):
+    return {'weight': torch.rand(n), 'bias': torch.zeros(n),
+            'running_mean': torch.zeros(n), 'running_var': torch.ones(n)}
+
+
+def flatten(nested, prefix=''):
+    """{'a': {'b': t}} -> {'a.b': t}, keeping insertion order (the optimizer's state is indexed
+    by position, so the order must match the reference code's for old checkpoints to resume)."""
+    flat = {}
+    for k, v in nested.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, prefix + k + '.'))
+        elif v is not None:
+            flat[prefix + k] = v
+    return flat
+
+
+def is_running_stat(name):
+    return name.endswith('running_mean') or name.endswith('running_var')
+
+
+def set_requires_grad_except_bn_(params):
+    for k, v in params.items():
+        v.requires_grad_(not is_running_stat(k))
+    return params
+
+
+def batch_norm(x, params, base, mode):
+    return F.batch_norm(x, weight=params[base + '.weight'], bias=params[base + '.bias'],
+                        running_mean=params[base + '.running_mean'],
+                        running_var=params[base + '.running_var'],
+                        training=mode)
+
+
+def cast(params, dtype='float', device=None):
+    """Moves a parameter dict (or one tensor) to a device and floating dtype, keeping
+    requires_grad. Integer tensors keep their type."""
+    if isinstance(params, dict):
+        return {k: cast(v, dtype, device) for k, v in params.items()}
+    t = params.to(device) if device is not None else params
+    if t.is_floating_point():
+        t = t.to(DTYPES[dtype])
+    return t.detach().requires_grad_(params.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-GPU on one machine (--ngpu): split the batch, run a replica of f per GPU, gather.
+
+def data_parallel(f, input, params, mode, device_ids, output_device=None):
+    """Runs f(input, params, mode) split over `device_ids`. Gradients flow back to `params`
+    through Broadcast. BN running statistics are updated from the first GPU's shard only: its
+    replica uses the original buffers, the others get copies that are dropped."""
+    device_ids = list(device_ids)
+    if len(device_ids) <= 1:
+        return f(input, params, mode)
+    output_device = device_ids[0] if output_device is None else output_device
+
+    keys = [k for k, v in params.items() if v.requires_grad]
+    copies = Broadcast.apply(device_ids, *[params[k] for k in keys])
+    replicas = []
+    for j, dev in enumerate(device_ids):
+        p = {k: copies[j * len(keys) + i] for i, k in enumerate(keys)}
+        for k, v in params.items():
+            if not v.requires_grad:
+                p[k] = v if j == 0 else v.to(f'cuda:{dev}', copy=True)
+        replicas.append(p)
+    inputs = scatter(input, device_ids)
+    modules = [lambda x, p=p: f(x, p, mode) for p in replicas[:len(inputs)]]
+    outputs = parallel_apply(modules, [(x,) for x in inputs], devices=device_ids[:len(inputs)])
+    return gather(outputs, output_device)
+
+
+def print_tensor_dict(params):
+    """The parameter table printed at start-up: name, shape, dtype, trainable."""
+    width = max(len(k) for k in params)
+    for k, v in params.items():
+        shape = 'x'.join(str(s) for s in v.shape) or 'scalar'
+        grad = '' if v.requires_grad else '  (no grad)'
+        print(f'  {k:<{width}}  {shape:<16} {str(v.dtype).replace("torch.", "")}{grad}')
