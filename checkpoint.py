@@ -7,8 +7,6 @@ is the only way files are loaded here (a pickle from elsewhere cannot run code).
 """
 import json
 import os
-import pickle
-import zipfile
 
 import torch
 from ignite.handlers import DiskSaver
@@ -34,7 +32,7 @@ def load_checkpoint(path):
         raise UserError(f'checkpoint {path} does not exist; pass the model.pt7 of an earlier run')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch.load reports damage through many exception types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot read checkpoint {path} ({first_line}); it is corrupt or not a '
                         f'model.pt7 file') from None

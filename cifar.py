@@ -48,11 +48,11 @@ def parse_args(argv=None):
     p.add_argument('--gpu_id', default='0', type=str, help='id(s) for CUDA_VISIBLE_DEVICES')
     opt = p.parse_args(argv)
     if wrn_block_count(opt.depth) is None:
-        p.error(f'--depth {opt.depth} is not 6n+4 (n >= 1); use e.g. 16, 22, 28 or 40')
+        raise UserError(f'--depth {opt.depth} is not 6n+4 (n >= 1); use e.g. 16, 22, 28 or 40')
     if opt.width <= 0 or int(16 * opt.width) < 1:
-        p.error(f'--width {opt.width} gives no channels; use a positive width such as 1 or 2')
+        raise UserError(f'--width {opt.width} gives no channels; use a positive width such as 1 or 2')
     if opt.batch_size < 1 or opt.epochs < 1:
-        p.error('--batch_size and --epochs must be at least 1')
+        raise UserError('--batch_size and --epochs must be at least 1')
     return opt
 
 

@@ -1,0 +1,163 @@
+"""cifar.py through its command line, on small generated data, as a user runs it."""
+import hashlib
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+from resnet import resnet
+
+TINY = ['--depth', 10, '--batch_size', 32, '--nthread', 2]
+
+
+def log_lines(run_dir):
+    with open(os.path.join(run_dir, 'log.txt')) as f:
+        return [json.loads(line[len('json_stats: '):]) for line in f]
+
+
+def checkpoint(run_dir):
+    return torch.load(os.path.join(run_dir, 'model.pt7'), weights_only=True)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def fingerprint(directory):
+    return {name: hashlib.sha256(open(os.path.join(directory, name), 'rb').read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+@pytest.mark.parametrize('layout', ['image_tree', 'python_release'])
+def test_teacher_then_at_kd_student(layout, request, tmp_path):
+    data = request.getfixturevalue(layout)
+    ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 1, '--seed', 1, '--dataroot', data,
+               '--save', 'logs/teacher', cwd=tmp_path))
+    teacher_log = log_lines(tmp_path / 'logs/teacher')
+    assert len(teacher_log) == 1 and teacher_log[0]['at_losses'] == []
+    assert teacher_log[0]['n_parameters'] == sum(p.numel() for p in resnet(10, 1, 10)[1].values())
+
+    out = ok(run_cli('cifar.py', *TINY, '--width', 0.5, '--epochs', 2, '--seed', 2, '--dataroot', data,
+                     '--teacher_id', 'teacher', '--beta', 1e3, '--alpha', 0.9, '--save', 'logs/student',
+                     cwd=tmp_path))
+    assert '(2/2), test_acc' in out.stdout
+    log = log_lines(tmp_path / 'logs/student')
+    assert [r['epoch'] for r in log] == [1, 2]
+    r = log[-1]
+    for key in ('depth', 'width', 'teacher_id', 'beta', 'alpha', 'seed', 'train_loss', 'train_acc',
+                'test_loss', 'test_acc', 'num_classes', 'n_parameters', 'train_time', 'test_time'):
+        assert key in r, key
+    assert r['n_parameters'] == sum(p.numel() for p in resnet(10, 0.5, 10)[1].values())
+    assert r['num_classes'] == 10 and 0 <= r['test_acc'] <= 100 and math.isfinite(r['train_loss'])
+    assert len(r['at_losses']) == 3
+    for mean, std in r['at_losses']:
+        assert mean > 0 and std > 0 and math.isfinite(mean)
+
+    ckpt = checkpoint(tmp_path / 'logs/student')
+    assert ckpt['epoch'] == 2 and set(ckpt) == {'params', 'optimizer', 'epoch'}
+    teacher = checkpoint(tmp_path / 'logs/teacher')['params']
+    for k, v in teacher.items():  # the teacher is used, never trained (BN statistics included)
+        assert torch.equal(ckpt['params']['teacher.' + k], v), k
+    _, fresh = resnet(10, 0.5, 10)
+    assert set(ckpt['params']) == {'student.' + k for k in fresh} | {'teacher.' + k for k in teacher}
+
+
+def test_resume_continues_epochs_and_log_and_matches_a_straight_run(image_tree, tmp_path):
+    common = [*TINY, '--width', 1, '--epochs', 3, '--epoch_step', '[2]', '--seed', 3, '--dataroot', image_tree]
+    ok(run_cli('cifar.py', *common, '--save', 'logs/straight', cwd=tmp_path))
+    ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 1, '--epoch_step', '[2]', '--seed', 3,
+               '--dataroot', image_tree, '--save', 'logs/split', cwd=tmp_path))
+    out = ok(run_cli('cifar.py', *common, '--save', 'logs/split', '--resume', 'logs/split/model.pt7',
+                     cwd=tmp_path))
+    assert '(1/3)' not in out.stdout and '(3/3)' in out.stdout
+    assert [r['epoch'] for r in log_lines(tmp_path / 'logs/split')] == [1, 2, 3]
+    a, b = checkpoint(tmp_path / 'logs/straight'), checkpoint(tmp_path / 'logs/split')
+    assert b['epoch'] == 3
+    for k in a['params']:
+        torch.testing.assert_close(a['params'][k], b['params'][k], rtol=1e-4, atol=1e-5)
+    # resuming a finished run does nothing and says so
+    out = ok(run_cli('cifar.py', *common, '--save', 'logs/split', '--resume', 'logs/split/model.pt7',
+                     cwd=tmp_path))
+    assert 'nothing to do' in out.stdout and len(log_lines(tmp_path / 'logs/split')) == 3
+
+
+def write_reference_run(run_dir, depth, width, legacy_stats):
+    """A run directory as the reference code leaves it: first log line with its options,
+    model.pt7 with params (and, in its 2017 layout, BN statistics under 'stats')."""
+    os.makedirs(run_dir)
+    torch.manual_seed(5)
+    _, params = resnet(depth, width, 10)
+    opt = torch.optim.SGD([v for v in params.values() if v.requires_grad], 0.02, momentum=0.9,
+                          weight_decay=5e-4)
+    sum(v.sum() for v in params.values() if v.requires_grad).backward()
+    opt.step()
+    tensors = {k: v.detach().clone() for k, v in params.items()}
+    state = {'params': tensors, 'optimizer': opt.state_dict(), 'epoch': 4}
+    if legacy_stats:
+        state['params'] = {k: v for k, v in tensors.items() if 'running' not in k}
+        state['stats'] = {k: v for k, v in tensors.items() if 'running' in k}
+    torch.save(state, os.path.join(run_dir, 'model.pt7'), _use_new_zipfile_serialization=False)
+    line = {'depth': depth, 'width': width, 'dataset': 'CIFAR10', 'epoch': 4, 'test_acc': 50.0,
+            'num_classes': 10, 'at_losses': [[float('nan'), float('nan')]] * 3}
+    with open(os.path.join(run_dir, 'log.txt'), 'w') as f:
+        f.write('json_stats: ' + json.dumps(line) + '\n')
+    return tensors
+
+
+def test_reference_checkpoints_work_as_teacher_and_as_resume_file(image_tree, tmp_path):
+    teacher = write_reference_run(tmp_path / 'logs/ref_teacher', 10, 1, legacy_stats=True)
+    ok(run_cli('cifar.py', *TINY, '--width', 0.5, '--epochs', 1, '--dataroot', image_tree,
+               '--teacher_id', 'ref_teacher', '--beta', 1e3, '--save', 'logs/s', cwd=tmp_path))
+    params = checkpoint(tmp_path / 'logs/s')['params']
+    for k, v in teacher.items():
+        assert torch.equal(params['teacher.' + k], v), k
+
+    write_reference_run(tmp_path / 'old', 10, 1, legacy_stats=False)
+    out = ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 5, '--dataroot', image_tree,
+                     '--resume', 'old/model.pt7', '--save', 'logs/continued', cwd=tmp_path))
+    assert '(5/5)' in out.stdout and '(4/5)' not in out.stdout
+    assert [r['epoch'] for r in log_lines(tmp_path / 'logs/continued')] == [5]
+
+
+def expect_user_error(result, *phrases):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and 'Traceback' not in result.stderr, result.stderr
+    for p in phrases:
+        assert p in err[0], err[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(image_tree, tmp_path):
+    ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 1, '--dataroot', image_tree,
+               '--save', 'logs/run', cwd=tmp_path))
+    before = fingerprint(tmp_path / 'logs/run')
+    cases = [
+        (['--depth', 18, '--save', 'logs/x'], ['--depth 18 is not 6n+4']),
+        (['--width', 0, '--save', 'logs/x'], ['--width 0']),
+        (['--epoch_step', '60,120', '--save', 'logs/x'], ['--epoch_step']),
+        (['--teacher_id', 'nope', '--save', 'logs/x'], ['teacher logs/nope does not exist']),
+        (['--dataroot', tmp_path / 'no_data', '--save', 'logs/x'], ['CIFAR10 not found in', '--dataroot']),
+        (['--save', 'logs/run'], ['logs/run already holds a run', '--resume']),
+        (['--save', 'logs/run', '--resume', 'logs/run/log.txt'], ['cannot read checkpoint']),
+        (['--save', 'logs/run', '--resume', 'logs/run/model.pt7', '--width', 2],
+         ['does not match this model', 'group0.block0']),
+    ]
+    for extra, phrases in cases:
+        args = [*TINY, '--epochs', 2, '--dataroot', image_tree, *extra]
+        expect_user_error(run_cli('cifar.py', *args, cwd=tmp_path), *phrases)
+        assert fingerprint(tmp_path / 'logs/run') == before
+        assert not os.path.exists(tmp_path / 'logs/x')
+
+
+def test_teacher_trained_on_other_classes_is_refused(image_tree, tmp_path):
+    run = tmp_path / 'logs/c100'
+    write_reference_run(run, 10, 1, legacy_stats=False)
+    line = json.loads((run / 'log.txt').read_text()[12:])
+    line['num_classes'] = 100
+    (run / 'log.txt').write_text('json_stats: ' + json.dumps(line) + '\n')
+    expect_user_error(run_cli('cifar.py', *TINY, '--epochs', 1, '--dataroot', image_tree, '--teacher_id', 'c100',
+                              '--save', 'logs/y', cwd=tmp_path), 'trained on 100 classes')
