@@ -41,6 +41,11 @@ def parse_args(argv=None):
     p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
     p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
     p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
+    # Speed
+    p.add_argument('--reference', action='store_true',
+                   help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
+                        'channels_last where the hardware is fast at them)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the forward and loss')
     # Device options
     p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
     p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')

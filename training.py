@@ -6,6 +6,8 @@ log.txt. The log line comes after the checkpoint, so a log line always has its c
 """
 import os
 import random
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 from checkpoint import CHECKPOINT, LOG, save_checkpoint, load_checkpoint, copy_params_, \
     load_optimizer_state, append_log
 from errors import UserError
-from utils import at_loss, distillation, data_parallel
+from utils import at_loss, at_least_fp32, distillation, data_parallel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,9 +45,10 @@ def student_alone(f_s):
 
 def objective(opt, y_s, y_t, at_losses, targets):
     """Cross-entropy alone, or KD plus beta times the sum of the per-group AT losses."""
+    y_s = at_least_fp32(y_s)
     if y_t is None:
         return F.cross_entropy(y_s, targets)
-    return distillation(y_s, y_t, targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses)
+    return distillation(y_s, at_least_fp32(y_t), targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses)
 
 
 def learning_rate(opt, epoch, epoch_step):
@@ -90,6 +93,31 @@ def attach_meters(engine, n_groups, topk, device):
     for g in range(n_groups):
         MeanStd(lambda o, g=g: o['at'][g], device).attach(engine, f'at{g}')
     return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path and reference path: the same step, different switches
+
+def cpu_has_bf16():
+    """oneDNN runs bf16 convolutions fast only on CPUs with AVX512-BF16 or AMX units; elsewhere
+    it emulates them, slower than fp32."""
+    check = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+    return bool(check and check())
+
+
+def speed_settings(opt, device):
+    """bf16 autocast and channels_last where the hardware is fast at them, a fused optimizer,
+    optional torch.compile. --reference turns all of it off: fp32, NCHW, the original's arithmetic."""
+    fast = not opt.reference and opt.dtype == 'float'
+    bf16 = fast and (torch.cuda.is_bf16_supported() if device.type == 'cuda' else cpu_has_bf16())
+    return SimpleNamespace(autocast=bf16, channels_last=fast, fused=fast,
+                           compile=fast and opt.compile, device_type=device.type)
+
+
+def to_channels_last_(params):
+    for k, v in params.items():
+        if v.dim() == 4:
+            params[k] = v.detach().contiguous(memory_format=torch.channels_last).requires_grad_(v.requires_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,35 +175,52 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     """Trains params['student.*'] (or all trainable params) with SGD, evaluating, logging and
     checkpointing after every epoch; resumes from --resume if given."""
     epoch_step = parse_epoch_step(opt.epoch_step)
+    speed = speed_settings(opt, device)
+    if speed.channels_last:
+        to_channels_last_(params)
     trainable = [v for v in params.values() if v.requires_grad]
-    optimizer = torch.optim.SGD(trainable, opt.lr, momentum=0.9, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.SGD(trainable, opt.lr, momentum=0.9, weight_decay=opt.weight_decay,
+                                fused=speed.fused or None)
     start_epoch = 0
     if opt.resume:
         state = load_checkpoint(opt.resume)
         copy_params_(params, state['params'], opt.resume)
         if state['optimizer'] is not None:
             load_optimizer_state(optimizer, state['optimizer'], opt.resume)
+            for group in optimizer.param_groups:  # the file's choice of kernel is not ours
+                group.update(fused=speed.fused or None, foreach=None)
         start_epoch = state['epoch']
     if start_epoch >= opt.epochs:
         print(f'{opt.resume} has already trained {start_epoch} of {opt.epochs} epochs; nothing to do')
         return
     os.makedirs(opt.save, exist_ok=True)
 
+    def forward(x, y, mode):
+        """Loss and outputs of one batch; the same code runs in fp32 or under bf16 autocast."""
+        if speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
+            y_s, y_t, at_losses = data_parallel(f, x, params, mode, range(opt.ngpu))
+            return objective(opt, y_s, y_t, at_losses, y), y_s, at_losses
+
+    if speed.compile:
+        forward = torch.compile(forward)
+
     def train_step(engine, batch):
         x, y = batch
-        y_s, y_t, at_losses = data_parallel(f, x, params, True, range(opt.ngpu))
-        loss = objective(opt, y_s, y_t, at_losses, y)
+        loss, y_s, at_losses = forward(x, y, True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # No .item() here: meters keep device tensors and are read once per epoch.
         return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y,
                 'at': [a.detach() for a in at_losses]}
 
     @torch.no_grad()
     def eval_step(engine, batch):
         x, y = batch
-        y_s, y_t, at_losses = data_parallel(f, x, params, False, range(opt.ngpu))
-        return {'loss': objective(opt, y_s, y_t, at_losses, y), 'y_pred': y_s, 'y': y, 'at': at_losses}
+        loss, y_s, at_losses = forward(x, y, False)
+        return {'loss': loss, 'y_pred': y_s, 'y': y, 'at': at_losses}
 
     trainer, evaluator = Engine(train_step), Engine(eval_step)
     train_loss = attach_meters(trainer, n_groups, topk, device)
@@ -184,8 +229,14 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
                                       event_name=Events.ITERATION_COMPLETED(every=10))
 
+    def synchronized_time():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     @trainer.on(Events.EPOCH_STARTED)
     def set_learning_rate(engine):
+        engine.state.epoch_start = synchronized_time()
         epoch = engine.state.epoch
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(opt, epoch, epoch_step)
@@ -196,14 +247,15 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def evaluate_and_log(engine):
-        train_time = engine.state.times[Events.EPOCH_COMPLETED.name]
+        train_time = synchronized_time() - engine.state.epoch_start
+        test_start = time.perf_counter()
         test_state = evaluator.run(test_loader)
         m, t = engine.state.metrics, test_state.metrics
         stats = {
             'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
             'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
             'epoch': engine.state.epoch, 'num_classes': num_classes, 'n_parameters': n_parameters,
-            'train_time': train_time, 'test_time': test_state.times[Events.COMPLETED.name],
+            'train_time': train_time, 'test_time': synchronized_time() - test_start,
             'at_losses': [m[f'at{g}'] for g in range(n_groups)],
         }
         if topk > 1:

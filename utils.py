@@ -17,11 +17,16 @@ DTYPES = {'float': torch.float32, 'double': torch.float64,
 # ----------------------------------------------------------------------------------------------
 # Attention transfer and knowledge distillation (paper section 3.1, Hinton et al. 2015)
 
+def at_least_fp32(x):
+    """bf16/fp16 activations (autocast) are summed and normalised in fp32; fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def at(x):
     """Activation-based attention map: F(A) = sum_c |A_c|^p with p = 2, flattened and
     L2-normalised per sample (paper eq. 2 uses Q / ||Q||_2). Taking the channel *mean* instead
     of the sum only rescales Q, which the normalisation removes."""
-    return F.normalize(x.pow(2).mean(1).flatten(1))
+    return F.normalize(at_least_fp32(x).pow(2).mean(1).flatten(1))
 
 
 def at_loss(x, y):
