@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--reference', action='store_true',
                    help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
                         'channels_last where the hardware is fast at them)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the forward and loss')
+    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
+                   help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
     # Device options
     p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
     p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')
