@@ -1,12 +1,16 @@
 """Run directories: `model.pt7` checkpoints and `log.txt` JSON logs.
 
 A checkpoint is {'params': {name: tensor}, 'optimizer': optimizer.state_dict(), 'epoch': int},
-the reference code's layout, so files written by either load in the other. It holds only
-tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)` reads it, and that
-is the only way files are loaded here (a pickle from elsewhere cannot run code).
+the reference code's layout, so files written by either load in the other; ours add what makes
+a continuation identical ('iteration', 'rng', 'lr', 'options'), which the reference code
+ignores. It holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)`
+reads it, and that is the only way files are loaded here (a pickle from elsewhere cannot run code).
 """
 import json
 import os
+import random
+
+import numpy as np
 
 import torch
 from ignite.handlers import DiskSaver
@@ -18,12 +22,31 @@ LOG = 'log.txt'
 LOG_PREFIX = 'json_stats: '
 
 
-def save_checkpoint(run_dir, params, optimizer, epoch):
+def save_checkpoint(run_dir, params, optimizer, epoch, **extra):
     """Writes <run_dir>/model.pt7 through a temporary file and a rename, so an interrupted
-    write leaves the previous checkpoint intact."""
+    write leaves the previous checkpoint intact. `epoch` counts completed epochs."""
     state = {'params': {k: v.detach() for k, v in params.items()},
-             'optimizer': optimizer.state_dict(), 'epoch': epoch}
+             'optimizer': optimizer.state_dict(), 'epoch': epoch, **extra}
     DiskSaver(run_dir, atomic=True, require_empty=False)(state, CHECKPOINT)
+
+
+def rng_state():
+    """Every random generator's state, in types that weights_only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def load_checkpoint(path):
@@ -41,7 +64,9 @@ def load_checkpoint(path):
     params = dict(state['params'])
     # The 2017 reference code kept BN running statistics in a separate 'stats' dict.
     params.update(state.get('stats') or {})
-    return {'params': params, 'optimizer': state.get('optimizer'), 'epoch': int(state.get('epoch', 0))}
+    epoch = int(state.get('epoch', 0))
+    return {**state, 'params': params, 'optimizer': state.get('optimizer'), 'epoch': epoch,
+            'iteration': state.get('iteration')}
 
 
 def copy_params_(params, loaded, source):

@@ -9,6 +9,8 @@ Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
 import argparse
 import os
 
+import distributed
+
 from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_
 from data import NUM_CLASSES, Loader, load_cifar
 from errors import UserError, reports_user_errors
@@ -89,7 +91,9 @@ def load_teacher(teacher_id, num_classes):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    print('parsed options:', vars(opt))
+    main_process = distributed.is_main()
+    if main_process:
+        print('parsed options:', vars(opt))
     parse_epoch_step(opt.epoch_step)
     check_run_dir(opt)
     device = choose_device(opt)
@@ -115,9 +119,10 @@ def main(argv=None):
         params, f = params_s, student_alone(f_s)
     params = cast(params, opt.dtype, device)
 
-    print('\nParameters:')
-    print_tensor_dict(params)
-    print(f'\nTotal number of parameters: {n_parameters}')
+    if main_process:
+        print('\nParameters:')
+        print_tensor_dict(params)
+        print(f'\nTotal number of parameters: {n_parameters}')
 
     train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,
           num_classes=num_classes, n_groups=3 if opt.teacher_id else 0, device=device)

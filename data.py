@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import distributed
 from errors import UserError
 
 # Per-channel statistics of the CIFAR-10 training set on the 0..255 scale, as in the reference
@@ -141,7 +142,8 @@ class Loader:
 
     With `train`, each epoch is a fresh permutation plus random crop and flip, drawn from a
     generator seeded by (seed, epoch): an epoch's batches depend only on its number, so a
-    resumed run sees the same data as an uninterrupted one."""
+    resumed run sees the same data as an uninterrupted one. Under torchrun every process draws
+    the same global batch and keeps its own slice of it."""
 
     def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32):
         self.images, self.labels = images, labels
@@ -150,10 +152,11 @@ class Loader:
         dev = images.device
         self.mean = torch.tensor(MEAN, device=dev, dtype=dtype).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=dev, dtype=dtype).view(1, 3, 1, 1)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """The next iteration yields `epoch`'s batches, leaving out the first `skip`."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self):
         return -(-len(self.images) // self.batch_size)
@@ -163,9 +166,13 @@ class Loader:
         gen = torch.Generator(self.images.device)
         gen.manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(n, generator=gen, device=self.images.device) if self.train else None
-        for start in range(0, n, self.batch_size):
+        skip, self.skip = self.skip, 0
+        for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
             x = self.images[idx]
             if self.train and self.pad > 0:
-                x = random_crop_flip(x, self.pad, gen)
-            yield (x.to(self.dtype) - self.mean) / self.std, self.labels[idx]
+                x = random_crop_flip(x, self.pad, gen)  # drawn even when skipped: keeps gen in step
+            if b < skip:
+                continue
+            x, y = distributed.shard(x), distributed.shard(self.labels[idx])
+            yield (x.to(self.dtype) - self.mean) / self.std, y

@@ -1,20 +1,37 @@
-"""Errors a user can cause (bad flags, missing files) and how the scripts report them."""
+"""Errors a user can cause (bad flags, missing files), runs that stop early, and how the scripts
+report them: one line on stderr, no traceback."""
 import functools
 import os
 import sys
 
+import distributed
+
 
 class UserError(Exception):
-    """A problem with the user's input; the message says what is wrong and how to fix it."""
+    """A problem with the user's input; the message says what is wrong and how to fix it.
+    Exit code 2."""
+
+
+class RunStopped(Exception):
+    """A run that stopped before its last epoch (signal, divergence); the message says what was
+    kept and how to go on."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def reports_user_errors(main):
-    """Wraps a script's main: a UserError becomes one line on stderr and exit code 2."""
+    """Wraps a script's main: UserError and RunStopped become one line on stderr (from rank 0
+    only under torchrun) and their exit code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as e:
-            print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
-            sys.exit(2)
+        except (UserError, RunStopped) as e:
+            if distributed.is_main():
+                print(f'{os.path.basename(sys.argv[0])}: {"error: " if isinstance(e, UserError) else ""}{e}',
+                      file=sys.stderr, flush=True)
+            distributed.shutdown()
+            sys.exit(e.exit_code if isinstance(e, RunStopped) else 2)
     return wrapper

@@ -3,6 +3,8 @@
 One epoch: set the learning rate for the epoch, run the training steps (meters accumulate on
 the device), evaluate on the test set, write the checkpoint, then append the epoch's line to
 log.txt. The log line comes after the checkpoint, so a log line always has its checkpoint.
+Under torchrun each process trains on its slice of every batch (distributed.py) and only rank 0
+prints and writes.
 """
 import os
 import random
@@ -16,9 +18,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 
+import distributed
 from checkpoint import CHECKPOINT, LOG, save_checkpoint, load_checkpoint, copy_params_, \
-    load_optimizer_state, append_log
-from errors import UserError
+    load_optimizer_state, append_log, rng_state, set_rng_state
+from errors import UserError, RunStopped
+from stopping import SignalStop, NonFiniteWatch
 from utils import at_loss, at_least_fp32, distillation, data_parallel
 
 
@@ -43,12 +47,19 @@ def student_alone(f_s):
     return f
 
 
-def objective(opt, y_s, y_t, at_losses, targets):
-    """Cross-entropy alone, or KD plus beta times the sum of the per-group AT losses."""
+def loss_terms(opt, y_s, y_t, at_losses, targets):
+    """The objective's terms by name: cross-entropy alone, or KD and beta times each group's AT
+    loss. Naming them lets a divergence report say which one broke."""
     y_s = at_least_fp32(y_s)
     if y_t is None:
-        return F.cross_entropy(y_s, targets)
-    return distillation(y_s, at_least_fp32(y_t), targets, opt.temperature, opt.alpha) + opt.beta * sum(at_losses)
+        return {'cross_entropy': F.cross_entropy(y_s, targets)}
+    terms = {'distillation': distillation(y_s, at_least_fp32(y_t), targets, opt.temperature, opt.alpha)}
+    terms.update({f'at{g}': opt.beta * a for g, a in enumerate(at_losses)})
+    return terms
+
+
+def objective(opt, y_s, y_t, at_losses, targets):
+    return sum(loss_terms(opt, y_s, y_t, at_losses, targets).values())
 
 
 def learning_rate(opt, epoch, epoch_step):
@@ -61,7 +72,9 @@ def learning_rate(opt, epoch, epoch_step):
 
 class MeanStd(Metric):
     """Mean and sample standard deviation of one scalar per batch (the reference code's
-    AverageValueMeter). Values stay on the device until the epoch ends: no host sync per step."""
+    AverageValueMeter). Values stay on the device until the epoch ends: no host sync per step.
+    Under torchrun each process's value is weighted by its share of the batch and summed, which
+    gives the value of the whole batch."""
 
     def __init__(self, output_transform, device='cpu'):
         super().__init__(output_transform=output_transform, device=device)
@@ -69,8 +82,9 @@ class MeanStd(Metric):
     def reset(self):
         self._values = []
 
-    def update(self, value):
-        self._values.append(value.detach().float().reshape(()))
+    def update(self, output):
+        value, share = output
+        self._values.append(value.detach().float().reshape(()) * share)
 
     def running_mean(self):
         return torch.stack(self._values).mean() if self._values else float('nan')
@@ -78,20 +92,20 @@ class MeanStd(Metric):
     def compute(self):
         if not self._values:
             return [None, None]
-        v = torch.stack(self._values).double().cpu()
+        v = distributed.all_reduce_sum(torch.stack(self._values)).double().cpu()
         std = v.std().item() if len(v) > 1 else None  # undefined for a single batch
         return [v.mean().item(), std]
 
 
 def attach_meters(engine, n_groups, topk, device):
     """Attaches loss, accuracy and per-group AT meters; returns the loss meter."""
-    loss = MeanStd(lambda o: o['loss'], device)
+    loss = MeanStd(lambda o: (o['loss'], o['share']), device)
     loss.attach(engine, 'loss')
     Accuracy(lambda o: (o['y_pred'], o['y']), device=device).attach(engine, 'top1')
     if topk > 1:
         TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']), device=device).attach(engine, f'top{topk}')
     for g in range(n_groups):
-        MeanStd(lambda o, g=g: o['at'][g], device).attach(engine, f'at{g}')
+        MeanStd(lambda o, g=g: (o['at'][g], o['share']), device).attach(engine, f'at{g}')
     return loss
 
 
@@ -128,6 +142,13 @@ def to_channels_last_(params):
 # Run set-up shared by the scripts
 
 def choose_device(opt):
+    """The GPU when there is one, else the CPU; under torchrun, this process's GPU (or the CPU
+    with gloo) after joining the process group."""
+    if distributed.launched_by_torchrun():
+        if opt.ngpu > 1:
+            raise UserError('--ngpu splits batches over GPUs inside one process; under torchrun '
+                            'use one process per GPU (--nproc_per_node) and --ngpu 1')
+        return distributed.init(cuda=torch.cuda.is_available())
     os.environ.setdefault('CUDA_VISIBLE_DEVICES', str(opt.gpu_id))
     if torch.cuda.is_available():
         return torch.device('cuda')
@@ -141,7 +162,7 @@ def choose_device(opt):
 def seed_everything(opt):
     """Uses --seed, or draws one and writes it into the options so the log records it."""
     if opt.seed is None:
-        opt.seed = random.SystemRandom().randrange(2 ** 31)
+        opt.seed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31))
     random.seed(opt.seed)
     np.random.seed(opt.seed)
     torch.manual_seed(opt.seed)
@@ -181,6 +202,9 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     epoch_step = parse_epoch_step(opt.epoch_step)
     state = load_checkpoint(opt.resume) if opt.resume else None
     start_epoch = state['epoch'] if state else 0
+    # A run stopped mid-epoch resumes at the step after the last one it took.
+    start_iteration = (state.get('iteration') or 0) if state else 0
+    start_iteration = max(start_iteration, start_epoch * len(train_loader))
     speed = speed_settings(opt, device, opt.epochs - start_epoch)
     if speed.channels_last:
         to_channels_last_(params)
@@ -188,49 +212,62 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     optimizer = torch.optim.SGD(trainable, opt.lr, momentum=0.9, weight_decay=opt.weight_decay,
                                 fused=speed.fused or None)
     if state:
-        copy_params_(params, state['params'], opt.resume)
-        if state['optimizer'] is not None:
-            load_optimizer_state(optimizer, state['optimizer'], opt.resume)
-            for group in optimizer.param_groups:  # the file's choice of kernel is not ours
-                group.update(fused=speed.fused or None, foreach=None)
+        restore(state, params, optimizer, speed, opt.resume)
     if start_epoch >= opt.epochs:
         print(f'{opt.resume} has already trained {start_epoch} of {opt.epochs} epochs; nothing to do')
         return
-    os.makedirs(opt.save, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        os.makedirs(opt.save, exist_ok=True)
+    checkpoint_path = os.path.join(opt.save, CHECKPOINT)
+    watch = NonFiniteWatch(device)
 
     def forward(x, y, mode):
-        """Loss and outputs of one batch; the same code runs in fp32 or under bf16 autocast."""
+        """Loss terms and outputs of one batch; the same code runs in fp32 or under bf16 autocast."""
         if speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
             y_s, y_t, at_losses = data_parallel(f, x, params, mode, range(opt.ngpu))
-            return objective(opt, y_s, y_t, at_losses, y), y_s, at_losses
+            return loss_terms(opt, y_s, y_t, at_losses, y), y_s, at_losses
 
     if speed.compile:
         forward = torch.compile(forward, dynamic=False)
 
     def train_step(engine, batch):
         x, y = batch
-        loss, y_s, at_losses = forward(x, y, True)
+        terms, y_s, at_losses = forward(x, y, True)
+        loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.reduce_gradients_(trainable, len(x))
         optimizer.step()
+        watch.update(engine.state.iteration, terms)
         # No .item() here: meters keep device tensors and are read once per epoch.
-        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y,
+        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share(x),
                 'at': [a.detach() for a in at_losses]}
 
     @torch.no_grad()
     def eval_step(engine, batch):
         x, y = batch
-        loss, y_s, at_losses = forward(x, y, False)
-        return {'loss': loss, 'y_pred': y_s, 'y': y, 'at': at_losses}
+        terms, y_s, at_losses = forward(x, y, False)
+        return {'loss': sum(terms.values()), 'y_pred': y_s, 'y': y, 'at': at_losses, 'share': share(x)}
+
+    def share(x):
+        """This process's fraction of the global batch, on the device (no host sync)."""
+        if not distributed.active():
+            return 1
+        n = torch.tensor(float(len(x)), device=device)
+        return n / distributed.all_reduce_sum(n)
 
     trainer, evaluator = Engine(train_step), Engine(eval_step)
+    for engine in (trainer, evaluator):
+        engine.logger.disabled = True  # it would repeat every exception's message before we report it
     train_loss = attach_meters(trainer, n_groups, topk, device)
     attach_meters(evaluator, 0, topk, device)
-    # The bar reads the epoch's mean loss every few steps only: each read is a host sync.
-    ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
-                                      event_name=Events.ITERATION_COMPLETED(every=10))
+    if main:
+        # The bar reads the epoch's mean loss every few steps only: each read is a host sync.
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
+                                          event_name=Events.ITERATION_COMPLETED(every=10))
 
     def synchronized_time():
         if device.type == 'cuda':
@@ -243,14 +280,33 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         epoch = engine.state.epoch
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(opt, epoch, epoch_step)
-        if epoch in epoch_step:
+        if epoch in epoch_step and engine.state.iteration % len(train_loader) == 0:
             # The reference code builds a new optimizer at each step, so momentum restarts.
             optimizer.state.clear()
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch, skip=engine.state.iteration % len(train_loader))
+
+    def save(engine, epochs_done):
+        if main:
+            save_checkpoint(opt.save, params, optimizer, epochs_done, iteration=engine.state.iteration,
+                            rng=rng_state(), lr=optimizer.param_groups[0]['lr'], options=vars(opt))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def stop_if_asked_or_diverged(engine):
+        if engine.state.iteration % 10 == 0:
+            watch.check(len(train_loader), last_good(engine))
+        if stop.requested():
+            watch.check(len(train_loader), last_good(engine))
+            save(engine, engine.state.epoch - 1)
+            engine.state.stopped_by = stop.name()
+            engine.terminate()
+
+    def last_good(engine):
+        return checkpoint_path if engine.state.epoch > 1 or start_epoch else None
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def evaluate_and_log(engine):
         train_time = synchronized_time() - engine.state.epoch_start
+        watch.check(len(train_loader), last_good(engine))
         test_start = time.perf_counter()
         test_state = evaluator.run(test_loader)
         m, t = engine.state.metrics, test_state.metrics
@@ -264,15 +320,35 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         if topk > 1:
             stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
             stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
-        save_checkpoint(opt.save, params, optimizer, engine.state.epoch)
-        append_log(opt.save, {**vars(opt), **stats})
-        print(f'==> id: {opt.save} ({engine.state.epoch}/{opt.epochs}), '
-              f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
-              f'time: {train_time:.1f}s + {stats["test_time"]:.1f}s', flush=True)
+        save(engine, engine.state.epoch)
+        if main:
+            append_log(opt.save, {**vars(opt), **stats})
+            print(f'==> id: {opt.save} ({engine.state.epoch}/{opt.epochs}), '
+                  f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
+                  f'time: {train_time:.1f}s + {stats["test_time"]:.1f}s', flush=True)
 
-    if start_epoch:
-        trainer.load_state_dict({'epoch': start_epoch, 'max_epochs': opt.epochs,
-                                 'epoch_length': len(train_loader)})
-        trainer.run(train_loader)
-    else:
-        trainer.run(train_loader, max_epochs=opt.epochs)
+    train_loader.set_epoch(start_iteration // len(train_loader) + 1, skip=start_iteration % len(train_loader))
+    with SignalStop() as stop:
+        if start_iteration:
+            trainer.load_state_dict({'iteration': start_iteration, 'max_epochs': opt.epochs,
+                                     'epoch_length': len(train_loader)})
+            trainer.run(train_loader)
+        else:
+            trainer.run(train_loader, max_epochs=opt.epochs)
+    if getattr(trainer.state, 'stopped_by', None):
+        raise RunStopped(f'stopped by {trainer.state.stopped_by} at epoch {trainer.state.epoch}, '
+                         f'step {trainer.state.iteration % len(train_loader)}; checkpoint written: resume '
+                         f'with --resume {checkpoint_path} --save {opt.save}', exit_code=128 + (stop.signum or 15))
+    distributed.shutdown()
+
+
+def restore(state, params, optimizer, speed, source):
+    """Parameters, optimizer and random generators from a checkpoint (ours or the reference
+    code's, which has no generator state)."""
+    copy_params_(params, state['params'], source)
+    if state['optimizer'] is not None:
+        load_optimizer_state(optimizer, state['optimizer'], source)
+        for group in optimizer.param_groups:  # the file's choice of kernel is not ours
+            group.update(fused=speed.fused or None, foreach=None)
+    if state.get('rng'):
+        set_rng_state(state['rng'])

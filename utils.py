@@ -10,6 +10,8 @@ from torch.nn.init import kaiming_normal_
 from torch.nn.parallel import scatter, parallel_apply, gather
 from torch.nn.parallel._functions import Broadcast
 
+import distributed
+
 DTYPES = {'float': torch.float32, 'double': torch.float64,
           'half': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -87,10 +89,11 @@ def set_requires_grad_except_bn_(params):
 
 
 def batch_norm(x, params, base, mode):
-    return F.batch_norm(x, weight=params[base + '.weight'], bias=params[base + '.bias'],
-                        running_mean=params[base + '.running_mean'],
-                        running_var=params[base + '.running_var'],
-                        training=mode)
+    weight, bias = params[base + '.weight'], params[base + '.bias']
+    mean, var = params[base + '.running_mean'], params[base + '.running_var']
+    if mode and distributed.active():
+        return distributed.sync_batch_norm(x, weight, bias, mean, var)
+    return F.batch_norm(x, mean, var, weight, bias, training=mode)
 
 
 def cast(params, dtype='float', device=None):

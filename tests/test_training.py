@@ -34,11 +34,11 @@ def test_mean_std_meter_is_the_sample_std_over_batches():
     m.reset()
     values = [0.5, 1.5, 4.0, 2.0]
     for v in values:
-        m.update(torch.tensor(v))
+        m.update((torch.tensor(v), 1))
     mean, std = m.compute()
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
     m.reset()
-    m.update(torch.tensor(3.0))
+    m.update((torch.tensor(3.0), 1))
     assert m.compute() == [3.0, None]
 
 

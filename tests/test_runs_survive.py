@@ -1,0 +1,118 @@
+"""Interrupted, killed, diverging and distributed runs, through the real CLI."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, run_cli
+
+SLOW = ['--depth', 10, '--width', 1, '--batch_size', 4, '--nthread', 2, '--seed', 4, '--epochs', 3]
+
+
+def start(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='2')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'cifar.py'), *map(str, args)], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_log_lines(run_dir, n, proc, timeout=120):
+    path = os.path.join(run_dir, 'log.txt')
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and len(open(path).readlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError('run did not reach its log line in time')
+
+
+def load(run_dir):
+    return torch.load(os.path.join(run_dir, 'model.pt7'), weights_only=True)
+
+
+def epochs_logged(run_dir):
+    return [line.count('"epoch": ') and int(line.split('"epoch": ')[1].split(',')[0])
+            for line in open(os.path.join(run_dir, 'log.txt'))]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(image_tree, tmp_path):
+    data = ['--dataroot', image_tree]
+    assert run_cli('cifar.py', *SLOW, *data, '--save', 'logs/straight', cwd=tmp_path).returncode == 0
+    proc = start([*SLOW, *data, '--save', 'logs/stopped'], tmp_path)
+    wait_for_log_lines(tmp_path / 'logs/stopped', 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert 'stopped by SIGTERM' in err and '--resume logs/stopped/model.pt7 --save logs/stopped' in err
+    assert 'Traceback' not in err
+    ckpt = load(tmp_path / 'logs/stopped')
+    assert ckpt['iteration'] >= 25 and ckpt['epoch'] == (ckpt['iteration']) // 25
+    assert epochs_logged(tmp_path / 'logs/stopped') == list(range(1, ckpt['epoch'] + 1))
+    r = run_cli('cifar.py', *SLOW, *data, '--save', 'logs/stopped', '--resume', 'logs/stopped/model.pt7', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert epochs_logged(tmp_path / 'logs/stopped') == [1, 2, 3]
+    assert_same_params(load(tmp_path / 'logs/straight')['params'], load(tmp_path / 'logs/stopped')['params'])
+
+
+def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(image_tree, tmp_path):
+    data = ['--dataroot', image_tree]
+    proc = start([*SLOW, *data, '--save', 'logs/killed'], tmp_path)
+    wait_for_log_lines(tmp_path / 'logs/killed', 1, proc)
+    time.sleep(0.3)  # somewhere in the next epoch, possibly while a checkpoint is being written
+    proc.kill()
+    proc.communicate()
+    ckpt = load(tmp_path / 'logs/killed')
+    logged = epochs_logged(tmp_path / 'logs/killed')
+    assert ckpt['epoch'] >= len(logged) >= 1  # every log line has its checkpoint
+    assert not [n for n in os.listdir(tmp_path / 'logs/killed') if n not in ('log.txt', 'model.pt7')]
+    r = run_cli('cifar.py', *SLOW, *data, '--save', 'logs/killed', '--resume', 'logs/killed/model.pt7', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert epochs_logged(tmp_path / 'logs/killed')[-1] == 3 and load(tmp_path / 'logs/killed')['epoch'] == 3
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(image_tree, tmp_path):
+    common = ['--depth', 10, '--batch_size', 32, '--dataroot', image_tree, '--save', 'logs/d', '--epochs', 1]
+    assert run_cli('cifar.py', *common, cwd=tmp_path).returncode == 0
+    before = open(tmp_path / 'logs/d/model.pt7', 'rb').read()
+    r = run_cli('cifar.py', *common[:-1], 3, '--lr', 1e30, '--resume', 'logs/d/model.pt7', cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and 'Traceback' not in r.stderr
+    assert 'diverged at epoch 2, step' in err[0] and 'cross_entropy' in err[0]
+    assert 'last good checkpoint is logs/d/model.pt7' in err[0]
+    assert open(tmp_path / 'logs/d/model.pt7', 'rb').read() == before
+    assert epochs_logged(tmp_path / 'logs/d') == [1]
+
+
+def test_two_processes_under_torchrun_match_one_process(image_tree, tmp_path):
+    # In float64 the only difference left is summation order, so the match is tight; in float32
+    # the same rounding differences grow over steps to about 1e-3.
+    args = ['--depth', 10, '--width', 1, '--batch_size', 20, '--epochs', 2, '--seed', 5, '--dtype', 'double',
+            '--dataroot', image_tree, '--nthread', 1]
+    one = run_cli('cifar.py', *args, '--save', 'logs/one', cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          os.path.join(ROOT, 'cifar.py'), *map(str, args), '--save', 'logs/two'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('(2/2), test_acc') == 1  # only rank 0 reports
+    assert epochs_logged(tmp_path / 'logs/two') == [1, 2]
+    a, b = load(tmp_path / 'logs/one')['params'], load(tmp_path / 'logs/two')['params']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-10)
+    import json
+    la = json.loads(open(tmp_path / 'logs/one/log.txt').readlines()[-1][12:])
+    lb = json.loads(open(tmp_path / 'logs/two/log.txt').readlines()[-1][12:])
+    # meters keep float32 values
+    assert abs(la['train_loss'] - lb['train_loss']) < 1e-6 and la['test_acc'] == lb['test_acc']
+    assert abs(la['test_loss'] - lb['test_loss']) < 1e-6 and la['train_acc'] == lb['train_acc']
