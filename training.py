@@ -222,42 +222,7 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     checkpoint_path = os.path.join(opt.save, CHECKPOINT)
     watch = NonFiniteWatch(device)
 
-    def forward(x, y, mode):
-        """Loss terms and outputs of one batch; the same code runs in fp32 or under bf16 autocast."""
-        if speed.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
-            y_s, y_t, at_losses = data_parallel(f, x, params, mode, range(opt.ngpu))
-            return loss_terms(opt, y_s, y_t, at_losses, y), y_s, at_losses
-
-    if speed.compile:
-        forward = torch.compile(forward, dynamic=False)
-
-    def train_step(engine, batch):
-        x, y = batch
-        terms, y_s, at_losses = forward(x, y, True)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.reduce_gradients_(trainable, len(x))
-        optimizer.step()
-        watch.update(engine.state.iteration, terms)
-        # No .item() here: meters keep device tensors and are read once per epoch.
-        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share(x),
-                'at': [a.detach() for a in at_losses]}
-
-    @torch.no_grad()
-    def eval_step(engine, batch):
-        x, y = batch
-        terms, y_s, at_losses = forward(x, y, False)
-        return {'loss': sum(terms.values()), 'y_pred': y_s, 'y': y, 'at': at_losses, 'share': share(x)}
-
-    def share(x):
-        """This process's fraction of the global batch, on the device (no host sync)."""
-        if not distributed.active():
-            return 1
-        n = torch.tensor(float(len(x)), device=device)
-        return n / distributed.all_reduce_sum(n)
+    train_step, eval_step = make_steps(opt, f, params, optimizer, speed, watch, device)
 
     trainer, evaluator = Engine(train_step), Engine(eval_step)
     for engine in (trainer, evaluator):
@@ -290,15 +255,19 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
             save_checkpoint(opt.save, params, optimizer, epochs_done, iteration=engine.state.iteration,
                             rng=rng_state(), lr=optimizer.param_groups[0]['lr'], options=vars(opt))
 
+    def stop(engine):
+        engine.state.stopped_by = signals.name()
+        engine.terminate()
+
     @trainer.on(Events.ITERATION_COMPLETED)
     def stop_if_asked_or_diverged(engine):
         if engine.state.iteration % 10 == 0:
             watch.check(len(train_loader), last_good(engine))
-        if stop.requested():
+        # At an epoch's last step, stop after its evaluation and log line instead (below).
+        if engine.state.iteration % len(train_loader) and signals.requested():
             watch.check(len(train_loader), last_good(engine))
             save(engine, engine.state.epoch - 1)
-            engine.state.stopped_by = stop.name()
-            engine.terminate()
+            stop(engine)
 
     def last_good(engine):
         return checkpoint_path if engine.state.epoch > 1 or start_epoch else None
@@ -309,26 +278,19 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         watch.check(len(train_loader), last_good(engine))
         test_start = time.perf_counter()
         test_state = evaluator.run(test_loader)
-        m, t = engine.state.metrics, test_state.metrics
-        stats = {
-            'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
-            'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
-            'epoch': engine.state.epoch, 'num_classes': num_classes, 'n_parameters': n_parameters,
-            'train_time': train_time, 'test_time': synchronized_time() - test_start,
-            'at_losses': [m[f'at{g}'] for g in range(n_groups)],
-        }
-        if topk > 1:
-            stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
-            stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
+        stats = epoch_record(engine, test_state, n_groups, topk, train_time, synchronized_time() - test_start)
+        stats.update(num_classes=num_classes, n_parameters=n_parameters)
         save(engine, engine.state.epoch)
         if main:
             append_log(opt.save, {**vars(opt), **stats})
             print(f'==> id: {opt.save} ({engine.state.epoch}/{opt.epochs}), '
                   f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
                   f'time: {train_time:.1f}s + {stats["test_time"]:.1f}s', flush=True)
+        if engine.state.epoch < opt.epochs and signals.requested():
+            stop(engine)
 
     train_loader.set_epoch(start_iteration // len(train_loader) + 1, skip=start_iteration % len(train_loader))
-    with SignalStop() as stop:
+    with SignalStop() as signals:
         if start_iteration:
             trainer.load_state_dict({'iteration': start_iteration, 'max_epochs': opt.epochs,
                                      'epoch_length': len(train_loader)})
@@ -338,8 +300,67 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     if getattr(trainer.state, 'stopped_by', None):
         raise RunStopped(f'stopped by {trainer.state.stopped_by} at epoch {trainer.state.epoch}, '
                          f'step {trainer.state.iteration % len(train_loader)}; checkpoint written: resume '
-                         f'with --resume {checkpoint_path} --save {opt.save}', exit_code=128 + (stop.signum or 15))
+                         f'with --resume {checkpoint_path} --save {opt.save}', exit_code=128 + (signals.signum or 15))
     distributed.shutdown()
+
+
+def make_steps(opt, f, params, optimizer, speed, watch, device):
+    """The training and evaluation steps: one forward (fp32, or bf16 under autocast; compiled or
+    not), the loss as the sum of its named terms, and outputs for the meters."""
+    trainable = [v for v in params.values() if v.requires_grad]
+
+    def forward(x, y, mode):
+        if speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
+            y_s, y_t, at_losses = data_parallel(f, x, params, mode, range(opt.ngpu))
+            return loss_terms(opt, y_s, y_t, at_losses, y), y_s, at_losses
+
+    if speed.compile:
+        forward = torch.compile(forward, dynamic=False)
+
+    def share(x):
+        """This process's fraction of the global batch, on the device (no host sync)."""
+        if not distributed.active():
+            return 1
+        n = torch.tensor(float(len(x)), device=device)
+        return n / distributed.all_reduce_sum(n)
+
+    def train_step(engine, batch):
+        x, y = batch
+        terms, y_s, at_losses = forward(x, y, True)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.reduce_gradients_(trainable, len(x))
+        optimizer.step()
+        watch.update(engine.state.iteration, terms)
+        # No .item() here: meters keep device tensors and are read once per epoch.
+        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share(x),
+                'at': [a.detach() for a in at_losses]}
+
+    @torch.no_grad()
+    def eval_step(engine, batch):
+        x, y = batch
+        terms, y_s, at_losses = forward(x, y, False)
+        return {'loss': sum(terms.values()), 'y_pred': y_s, 'y': y, 'at': at_losses, 'share': share(x)}
+
+    return train_step, eval_step
+
+
+def epoch_record(trainer, test_state, n_groups, topk, train_time, test_time):
+    """The per-epoch fields of a log line, named as the reference code names them."""
+    m, t = trainer.state.metrics, test_state.metrics
+    stats = {
+        'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
+        'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
+        'epoch': trainer.state.epoch, 'train_time': train_time, 'test_time': test_time,
+        'at_losses': [m[f'at{g}'] for g in range(n_groups)],
+    }
+    if topk > 1:
+        stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
+        stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
+    return stats
 
 
 def restore(state, params, optimizer, speed, source):
