@@ -15,8 +15,8 @@ from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_
 from data import NUM_CLASSES, Loader, load_cifar
 from errors import UserError, reports_user_errors
 from resnet import resnet, wrn_block_count
-from training import choose_device, seed_everything, check_run_dir, parse_epoch_step, \
-    student_and_teacher, student_alone, train
+from training import add_transfer_and_run_arguments, choose_device, seed_everything, check_run_dir, parse_epoch_step, \
+    join_networks, train
 from utils import cast, print_tensor_dict, DTYPES
 
 
@@ -39,21 +39,7 @@ def parse_args(argv=None):
     p.add_argument('--lr_decay_ratio', default=0.2, type=float)
     p.add_argument('--resume', default='', type=str, help='model.pt7 to continue from')
     p.add_argument('--randomcrop_pad', default=4, type=float)
-    p.add_argument('--temperature', default=4, type=float)
-    p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
-    p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
-    p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
-    # Speed
-    p.add_argument('--reference', action='store_true',
-                   help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
-                        'channels_last where the hardware is fast at them)')
-    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
-                   help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
-    # Device options
-    p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
-    p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')
-    p.add_argument('--ngpu', default=1, type=int, help='number of GPUs to use for training')
-    p.add_argument('--gpu_id', default='0', type=str, help='id(s) for CUDA_VISIBLE_DEVICES')
+    add_transfer_and_run_arguments(p)
     opt = p.parse_args(argv)
     if wrn_block_count(opt.depth) is None:
         raise UserError(f'--depth {opt.depth} is not 6n+4 (n >= 1); use e.g. 16, 22, 28 or 40')
@@ -110,19 +96,11 @@ def main(argv=None):
 
     f_s, params_s = resnet(opt.depth, opt.width, num_classes)
     n_parameters = sum(p.numel() for p in params_s.values())
-    if opt.teacher_id:
-        f_t, params_t = load_teacher(opt.teacher_id, num_classes)
-        params = {**{'student.' + k: v for k, v in params_s.items()},
-                  **{'teacher.' + k: v for k, v in params_t.items()}}
-        f = student_and_teacher(f_s, f_t)
-    else:
-        params, f = params_s, student_alone(f_s)
+    teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
+    f, params = join_networks(f_s, params_s, teacher)
     params = cast(params, opt.dtype, device)
-
     if main_process:
-        print('\nParameters:')
-        print_tensor_dict(params)
-        print(f'\nTotal number of parameters: {n_parameters}')
+        print_tensor_dict(params, n_parameters)
 
     train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,
           num_classes=num_classes, n_groups=3 if opt.teacher_id else 0, device=device)

@@ -47,6 +47,17 @@ def student_alone(f_s):
     return f
 
 
+def join_networks(f_s, params_s, teacher=None):
+    """(f, params) to train: the student alone, or student and teacher (f_t, params_t) in one
+    dict under 'student.' and 'teacher.' prefixes."""
+    if teacher is None:
+        return student_alone(f_s), params_s
+    f_t, params_t = teacher
+    params = {**{'student.' + k: v for k, v in params_s.items()},
+              **{'teacher.' + k: v for k, v in params_t.items()}}
+    return student_and_teacher(f_s, f_t), params
+
+
 def loss_terms(opt, y_s, y_t, at_losses, targets):
     """The objective's terms by name: cross-entropy alone, or KD and beta times each group's AT
     loss. Naming them lets a divergence report say which one broke."""
@@ -140,6 +151,25 @@ def to_channels_last_(params):
 
 # ----------------------------------------------------------------------------------------------
 # Run set-up shared by the scripts
+
+def add_transfer_and_run_arguments(p):
+    """The flags cifar.py and imagenet.py share, with the reference code's defaults."""
+    p.add_argument('--temperature', default=4, type=float)
+    p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
+    p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
+    p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
+    # Speed
+    p.add_argument('--reference', action='store_true',
+                   help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
+                        'channels_last where the hardware is fast at them)')
+    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
+                   help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
+    # Device options
+    p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
+    p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')
+    p.add_argument('--ngpu', default=1, type=int, help='number of GPUs to use for training')
+    p.add_argument('--gpu_id', default='0', type=str, help='id(s) for CUDA_VISIBLE_DEVICES')
+
 
 def choose_device(opt):
     """The GPU when there is one, else the CPU; under torchrun, this process's GPU (or the CPU

@@ -134,10 +134,14 @@ def data_parallel(f, input, params, mode, device_ids, output_device=None):
     return gather(outputs, output_device)
 
 
-def print_tensor_dict(params):
-    """The parameter table printed at start-up: name, shape, dtype, trainable."""
+def print_tensor_dict(params, n_parameters=None):
+    """The parameter table printed at start-up: name, shape, dtype, trainable; then the
+    student's parameter count."""
+    print('\nParameters:')
     width = max(len(k) for k in params)
     for k, v in params.items():
         shape = 'x'.join(str(s) for s in v.shape) or 'scalar'
         grad = '' if v.requires_grad else '  (no grad)'
         print(f'  {k:<{width}}  {shape:<16} {str(v.dtype).replace("torch.", "")}{grad}')
+    if n_parameters is not None:
+        print(f'\nTotal number of parameters: {n_parameters}')

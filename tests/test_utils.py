@@ -67,6 +67,8 @@ def test_cast_keeps_requires_grad_and_integer_types():
 
 
 def test_parameter_table_lists_every_tensor(capsys):
-    print_tensor_dict({'conv0': torch.zeros(16, 3, 3, 3), 'bn.running_mean': torch.zeros(16)})
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and '16x3x3x3' in out[0] and 'float32' in out[1]
+    print_tensor_dict({'conv0': torch.zeros(16, 3, 3, 3), 'bn.running_mean': torch.zeros(16)}, 448)
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith('  ')]
+    assert len(rows) == 2 and '16x3x3x3' in rows[0] and 'float32' in rows[1] and '(no grad)' in rows[1]
+    assert 'Total number of parameters: 448' in printed
