@@ -4,8 +4,6 @@ import functools
 import os
 import sys
 
-import distributed
-
 
 class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it.
@@ -29,6 +27,7 @@ def reports_user_errors(main):
         try:
             return main(*args, **kwargs)
         except (UserError, RunStopped) as e:
+            import distributed  # here, so scripts that never train do not pay for importing torch
             if distributed.is_main():
                 print(f'{os.path.basename(sys.argv[0])}: {"error: " if isinstance(e, UserError) else ""}{e}',
                       file=sys.stderr, flush=True)

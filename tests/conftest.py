@@ -59,6 +59,17 @@ def python_release(tmp_path_factory):
     return make_python_release(str(tmp_path_factory.mktemp('release')))
 
 
+def check_png(path, min_width, min_height):
+    """Opens a figure and checks it has a sensible size and is not blank; returns its pixels."""
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert('RGB'))
+    assert pixels.shape[1] >= min_width and pixels.shape[0] >= min_height, pixels.shape
+    assert pixels.shape[1] <= 4000 and pixels.shape[0] <= 4000, pixels.shape
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 50 and pixels.std() > 10, 'figure looks blank'
+    return pixels
+
+
 def run_cli(script, *args, cwd):
     """Runs a top-level script as a user would; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='2')

@@ -1,0 +1,267 @@
+"""Results of many runs as one Markdown table (the paper's Table 1 shape) and test-error curves.
+
+    python summarize.py logs/*                         # one row per configuration
+    python summarize.py logs --plot test_error.png     # every run under logs/, plus curves
+
+Runs that differ only in --seed, --save and other options that do not change what is learned
+(paths, threads, devices) form one configuration; its row gives the median and min-max range
+of the final test error over those runs, as the paper reports medians over seeds. Reads the
+log.txt of this code and of the original code (CIFAR and ImageNet), and of runs still going.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+from checkpoint import LOG, LOG_PREFIX
+from errors import UserError, reports_user_errors
+
+# Options that say where or how fast a run ran, not what it learned.
+NOT_CONFIGURATION = {'seed', 'save', 'resume', 'dataroot', 'data_root', 'imagenetpath', 'nthread',
+                     'gpu_id', 'ngpu', 'cuda', 'compile'}
+# Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
+PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_parameters',
+             'train_time', 'test_time', 'at_losses'}
+FIGURE_TYPES = ('.png', '.pdf', '.svg')
+# The original code spelled these options differently; its runs group with ours.
+ORIGINAL_NAMES = {'batchSize': 'batch_size', 'weightDecay': 'weight_decay'}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Markdown table and curves of training runs')
+    p.add_argument('runs', nargs='+', metavar='RUN_DIR',
+                   help='run directories (holding log.txt), or folders of them such as logs/')
+    p.add_argument('--plot', default='', metavar='FILE.png', help='draw test error against epoch')
+    p.add_argument('--log_scale', action='store_true', help='logarithmic test-error axis')
+    opt = p.parse_args(argv)
+    if opt.plot and os.path.splitext(opt.plot)[1].lower() not in FIGURE_TYPES:
+        raise UserError(f'--plot {opt.plot}: name a {", ".join(FIGURE_TYPES)} file')
+    if opt.plot and not os.path.isdir(os.path.dirname(opt.plot) or '.'):
+        raise UserError(f'--plot {opt.plot}: folder {os.path.dirname(opt.plot)} does not exist; '
+                        f'create it first')
+    return opt
+
+
+def find_run_dirs(paths):
+    """Each path is a run (it holds log.txt) or a folder searched for runs below it."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path) and os.path.basename(path) == LOG:
+            path = os.path.dirname(path) or '.'
+        if not os.path.isdir(path):
+            raise UserError(f'{path} is not a directory; pass run directories (with {LOG}) or logs/')
+        if os.path.isfile(os.path.join(path, LOG)):
+            found.append(path)
+            continue
+        below = sorted(root for root, _, files in os.walk(path) if LOG in files)
+        if not below:
+            raise UserError(f'no {LOG} in {path} or below it; is it a run directory?')
+        found += below
+    return list(dict.fromkeys(found))
+
+
+def read_records(run_dir):
+    """The json_stats records of a run, one per epoch (the latest line wins when a resumed
+    run repeated epochs). A last line cut short by a run writing it right now is skipped."""
+    path = os.path.join(run_dir, LOG)
+    with open(path) as f:
+        lines = [line for line in f if LOG_PREFIX in line]
+    by_epoch = {}
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line.split(LOG_PREFIX, 1)[1])  # NaN, as the original wrote it, parses
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                continue
+            raise UserError(f'{path} has a damaged json_stats line ({line[:60].strip()}...); '
+                            f'repair or remove it') from None
+        if 'epoch' not in record or 'test_acc' not in record:
+            raise UserError(f'{path}: a json_stats line lacks epoch or test_acc; not a training log')
+        by_epoch[record['epoch']] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def top1(acc):
+    """The original ImageNet code logged [top-1, top-5] accuracy."""
+    return acc[0] if isinstance(acc, list) else acc
+
+
+def configuration(record):
+    options = {ORIGINAL_NAMES.get(k, k): v for k, v in record.items()
+               if k not in NOT_CONFIGURATION and k not in PER_EPOCH
+               and not k.startswith(('train_', 'test_'))}
+    return json.dumps(options, sort_keys=True)
+
+
+def describe_run(run_dir, records):
+    last = records[-1]
+    return {'dir': run_dir, 'options': last, 'config': configuration(last),
+            'epochs': [r['epoch'] for r in records],
+            'errors': [100 - top1(r['test_acc']) for r in records],
+            'epoch_times': [r.get('train_time', math.nan) + r.get('test_time', 0) for r in records],
+            'finished': last['epoch'] >= last.get('epochs', 0)}
+
+
+def student_name(o):
+    if 'imagenetpath' in o:
+        return f'ResNet-{o.get("depth", "?")}' + (f' x{o["width"]:g}' if o.get('width', 1) != 1 else '')
+    return f'WRN-{o.get("depth", "?")}-{o.get("width", 1):g}'
+
+
+def teacher_name(o):
+    if o.get('teacher_id'):
+        return o['teacher_id']
+    if o.get('teacher_params'):
+        return os.path.basename(o['teacher_params'])
+    return '-'
+
+
+def method_weights(o):
+    """The loss weights of the transfer methods in use; later methods add *_beta or aux_weight."""
+    names = ['alpha', 'beta'] + sorted(k for k in o if k.endswith('_beta') or k == 'aux_weight')
+    shown = [f'{k} {o[k]:g}' for k in names if isinstance(o.get(k), (int, float)) and o[k]]
+    return ', '.join(shown) or '-'
+
+
+def data_name(o):
+    if 'imagenetpath' not in o:
+        return o.get('dataset', '?')
+    return 'ImageNet' + (f' ({o["num_classes"]} classes)' if o.get('num_classes', 1000) != 1000 else '')
+
+
+def group_runs(runs):
+    """Runs of one configuration together, configurations in a stable, readable order."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run['config'], []).append(run)
+    return sorted(groups.values(), key=lambda g: (data_name(g[0]['options']), student_name(g[0]['options']),
+                                                  teacher_name(g[0]['options']), g[0]['config']))
+
+
+def looks(group):
+    """What a row shows of its configuration in the named columns."""
+    o = group[0]['options']
+    return student_name(o), teacher_name(o), method_weights(o), data_name(o), o.get('epochs')
+
+
+def distinguishing_options(groups):
+    """Per row, 'option=value' for each option that sets it apart from a row that looks the
+    same in the named columns (e.g. two learning rates), '-' where the option is absent."""
+    configs = [json.loads(g[0]['config']) for g in groups]
+    shown = []
+    for i, config in enumerate(configs):
+        twins = [c for j, c in enumerate(configs) if j != i and looks(groups[j]) == looks(groups[i])]
+        keys = sorted({k for twin in twins for k in config.keys() | twin.keys()
+                       if config.get(k) != twin.get(k)})
+        shown.append(', '.join(f'{k}={plain(config[k]) if k in config else "-"}' for k in keys))
+    return shown
+
+
+def plain(value):
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def fmt(x):
+    return f'{x:.2f}'
+
+
+def fmt_time(seconds):
+    if math.isnan(seconds):
+        return '-'
+    return f'{seconds:.1f} s' if seconds < 100 else f'{seconds:.0f} s'
+
+
+def table_row(group):
+    """The named columns of one configuration. Its final error is taken over its finished runs,
+    or over the latest epoch of unfinished ones while none has finished."""
+    o = group[0]['options']
+    finished = [run for run in group if run['finished']]
+    unfinished = len(group) - len(finished)
+    finals = [run['errors'][-1] for run in finished or group]
+    done = min(run['epochs'][-1] for run in group)
+    times = [t for run in group for t in run['epoch_times'] if not math.isnan(t)]
+    return [student_name(o), teacher_name(o), method_weights(o), data_name(o),
+            f'{len(group)}' + (f' ({unfinished} unfinished)' if unfinished else ''),
+            fmt(statistics.median(finals)),
+            f'{fmt(min(finals))}-{fmt(max(finals))}' if len(finals) > 1 else '-',
+            fmt(min(e for run in group for e in run['errors'])),
+            f'{o.get("epochs", "?")}' + (f' ({done} done)' if unfinished else ''),
+            fmt_time(statistics.median(times) if times else math.nan)]
+
+
+def markdown_table(groups):
+    header = ['student', 'teacher', 'weights', 'data', 'runs', 'final error %', 'range',
+              'best error %', 'epochs', 'time/epoch']
+    rows = [table_row(g) for g in groups]
+    extra = distinguishing_options(groups)
+    if any(extra):
+        header.append('differs in')
+        rows = [row + [e] for row, e in zip(rows, extra)]
+    lines = ['| ' + ' | '.join(r) + ' |' for r in [header, ['---'] * len(header)] + rows]
+    lines += ['', 'final error %: median of 100 - test_acc at the last epoch over the finished runs '
+              '(over the unfinished ones while none has finished); range: min-max of those; best '
+              'error %: lowest test error of any run at any epoch; unfinished: fewer epochs logged '
+              'than --epochs (still running, or stopped); time/epoch: median train + test seconds.']
+    return '\n'.join(lines)
+
+
+def legend_label(group, distinction):
+    o = group[0]['options']
+    teacher, weights = teacher_name(o), method_weights(o)
+    label = student_name(o) + ('' if teacher == '-' else f' <- {teacher}')
+    label += ''.join(f', {part}' for part in (weights, distinction) if part and part != '-')
+    return label + f' ({len(group)} run{"s" if len(group) > 1 else ""})'
+
+
+def plot_curves(groups, out, log_scale):
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.get_cmap('tab10').colors
+    for i, (group, distinction) in enumerate(zip(groups, distinguishing_options(groups))):
+        for j, run in enumerate(group):
+            ax.plot(run['epochs'], run['errors'], color=colours[i % len(colours)], linewidth=1.2,
+                    alpha=0.8, marker='.' if len(run['epochs']) < 20 else None,
+                    label=legend_label(group, distinction) if j == 0 else None)
+    if log_scale:
+        ax.set_yscale('log')
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format(FuncFormatter(lambda v, _: f'{v:g}'))  # 20, not 2x10^1
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test error, %')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UserError(f'cannot write --plot {out} ({e}); pick a writable path') from None
+    plt.close(fig)
+
+
+@reports_user_errors
+def main(argv=None):
+    opt = parse_args(argv)
+    runs = []
+    for run_dir in find_run_dirs(opt.runs):
+        records = read_records(run_dir)
+        if not records:
+            print(f'{run_dir}: no epoch finished yet, left out', file=sys.stderr)
+            continue
+        runs.append(describe_run(run_dir, records))
+    if not runs:
+        raise UserError('none of the runs has finished an epoch yet; nothing to summarise')
+    groups = group_runs(runs)
+    print(markdown_table(groups))
+    if opt.plot:
+        plot_curves(groups, opt.plot, opt.log_scale)
+        print(f'\ntest error curves written to {opt.plot}')
+
+
+if __name__ == '__main__':
+    main()
