@@ -328,8 +328,9 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         else:
             trainer.run(train_loader, max_epochs=opt.epochs)
     if getattr(trainer.state, 'stopped_by', None):
-        raise RunStopped(f'stopped by {trainer.state.stopped_by} at epoch {trainer.state.epoch}, '
-                         f'step {trainer.state.iteration % len(train_loader)}; checkpoint written: resume '
+        step = trainer.state.iteration % len(train_loader)
+        where = f'at epoch {trainer.state.epoch}, step {step}' if step else f'after epoch {trainer.state.epoch}'
+        raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; checkpoint written: resume '
                          f'with --resume {checkpoint_path} --save {opt.save}', exit_code=128 + (signals.signum or 15))
     distributed.shutdown()
 
