@@ -15,8 +15,7 @@ from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_
 from data import NUM_CLASSES, Loader, load_cifar
 from errors import UserError, reports_user_errors
 from resnet import resnet, wrn_block_count
-from training import add_transfer_and_run_arguments, choose_device, seed_everything, check_run_dir, parse_epoch_step, \
-    join_networks, train
+from training import add_transfer_and_run_arguments, start_run, join_networks, train
 from utils import cast, print_tensor_dict, DTYPES
 
 
@@ -77,13 +76,7 @@ def load_teacher(teacher_id, num_classes):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    main_process = distributed.is_main()
-    if main_process:
-        print('parsed options:', vars(opt))
-    parse_epoch_step(opt.epoch_step)
-    check_run_dir(opt)
-    device = choose_device(opt)
-    seed_everything(opt)
+    device = start_run(opt)
     num_classes = NUM_CLASSES[opt.dataset]
 
     train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread)
@@ -99,7 +92,7 @@ def main(argv=None):
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
     f, params = join_networks(f_s, params_s, teacher)
     params = cast(params, opt.dtype, device)
-    if main_process:
+    if distributed.is_main():
         print_tensor_dict(params, n_parameters)
 
     train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,

@@ -13,8 +13,7 @@ import distributed
 from errors import UserError, reports_user_errors
 from imagenet_data import ImageFolderLoader
 from resnet import IMAGENET_BLOCKS, define_student, define_teacher
-from training import add_transfer_and_run_arguments, choose_device, seed_everything, check_run_dir, parse_epoch_step, \
-    speed_settings, join_networks, train
+from training import add_transfer_and_run_arguments, speed_settings, start_run, join_networks, train
 from utils import cast, print_tensor_dict, DTYPES
 
 
@@ -61,13 +60,7 @@ def load_teacher(path, num_classes):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    main_process = distributed.is_main()
-    if main_process:
-        print('parsed options:', vars(opt))
-    parse_epoch_step(opt.epoch_step)
-    check_run_dir(opt)
-    device = choose_device(opt)
-    seed_everything(opt)
+    device = start_run(opt)
 
     # The loader builds batches in the layout the step computes in, so none is converted twice.
     layout = dict(device=device, dtype=DTYPES[opt.dtype],
@@ -86,7 +79,7 @@ def main(argv=None):
     teacher = load_teacher(opt.teacher_params, num_classes) if opt.teacher_params else None
     f, params = join_networks(f_s, params_s, teacher)
     params = cast(params, opt.dtype, device)
-    if main_process:
+    if distributed.is_main():
         print_tensor_dict(params, n_parameters)
 
     train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,

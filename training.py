@@ -212,6 +212,18 @@ def check_run_dir(opt):
         load_checkpoint(opt.resume)  # fail now, before anything is created, if it is unreadable
 
 
+def start_run(opt):
+    """What every run does before it loads data: report its options, refuse bad ones before
+    anything is written, join torchrun's processes, seed. Returns the device to train on."""
+    if distributed.is_main():
+        print('parsed options:', vars(opt))
+    parse_epoch_step(opt.epoch_step)
+    check_run_dir(opt)
+    device = choose_device(opt)
+    seed_everything(opt)
+    return device
+
+
 def parse_epoch_step(text):
     import json
     try:
@@ -294,7 +306,7 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         if engine.state.iteration % 10 == 0:
             watch.check(len(train_loader), last_good(engine))
         # At an epoch's last step, stop after its evaluation and log line instead (below).
-        if engine.state.iteration % len(train_loader) and signals.requested():
+        if engine.state.iteration % len(train_loader) and signals.requested(engine.state.iteration):
             watch.check(len(train_loader), last_good(engine))
             save(engine, engine.state.epoch - 1)
             stop(engine)

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -31,7 +30,7 @@ import cifar  # noqa: E402
 from data import MEAN, STD, Loader, load_cifar  # noqa: E402
 from resnet import resnet  # noqa: E402
 from training import student_and_teacher, student_alone, train, cpu_has_bf16  # noqa: E402
-from utils import at_loss, distillation  # noqa: E402
+from utils import distillation  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -143,7 +142,7 @@ def main():
     for name in args.only:
         results[name] = runs[name]()
     base = results.get('original')
-    print(f'\n| pipeline | epoch (s) | images/s | vs original |\n| --- | --- | --- | --- |')
+    print('\n| pipeline | epoch (s) | images/s | vs original |\n| --- | --- | --- | --- |')
     for name, t in results.items():
         ratio = f'{base / t:.2f}x' if base else 'n/a'
         label = {'original': 'original (PIL + workers, fp32)', 'reference': 'ours --reference (fp32 NCHW)',

@@ -4,9 +4,7 @@ import json
 import os
 import statistics
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import summarize
 from conftest import check_png, run_cli
