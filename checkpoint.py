@@ -69,6 +69,18 @@ def load_checkpoint(path):
             'iteration': state.get('iteration')}
 
 
+def network_params(params, role='student'):
+    """One network's tensors from a checkpoint's params: a student run holds its 'student.' and
+    'teacher.' networks, a run without teacher holds plain names (its teacher is then empty).
+    'aux.' tensors (F-ActT and FitNet regressors, auxiliary heads) serve training only and are
+    part of neither network."""
+    params = {k: v for k, v in params.items() if not k.startswith('aux.')}
+    if not any(k.startswith('student.') for k in params):
+        return params if role == 'student' else {}
+    prefix = role + '.'
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
 def copy_params_(params, loaded, source):
     """Copies `loaded` into `params` after checking that names and shapes agree, naming the
     first tensor that does not (a plain copy_ would broadcast a wrongly shaped tensor)."""

@@ -11,11 +11,12 @@ import os
 
 import distributed
 
-from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_
+from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_, network_params
 from data import NUM_CLASSES, Loader, load_cifar
 from errors import UserError, reports_user_errors
 from resnet import resnet, wrn_block_count
 from training import add_transfer_and_run_arguments, start_run, join_networks, train
+from transfer import check_transfer_options
 from utils import cast, print_tensor_dict, DTYPES
 
 
@@ -46,6 +47,7 @@ def parse_args(argv=None):
         raise UserError(f'--width {opt.width} gives no channels; use a positive width such as 1 or 2')
     if opt.batch_size < 1 or opt.epochs < 1:
         raise UserError('--batch_size and --epochs must be at least 1')
+    check_transfer_options(opt, bool(opt.teacher_id), '--teacher_id')
     return opt
 
 
@@ -63,11 +65,8 @@ def load_teacher(teacher_id, num_classes):
                         f'has {num_classes}; pick a teacher trained on the same --dataset')
     f, params = resnet(info['depth'], info['width'], num_classes)
     path = os.path.join(run_dir, CHECKPOINT)
-    loaded = load_checkpoint(path)['params']
     # A student run's checkpoint holds both networks: its student can teach.
-    if any(k.startswith('student.') for k in loaded):
-        loaded = {k[len('student.'):]: v for k, v in loaded.items() if k.startswith('student.')}
-    copy_params_(params, loaded, path)
+    copy_params_(params, network_params(load_checkpoint(path)['params']), path)
     for v in params.values():
         v.requires_grad_(False)
     return (lambda x, params, prefix: f(x, params, False, prefix)), params
@@ -90,13 +89,13 @@ def main(argv=None):
     f_s, params_s = resnet(opt.depth, opt.width, num_classes)
     n_parameters = sum(p.numel() for p in params_s.values())
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
-    f, params = join_networks(f_s, params_s, teacher)
+    transfer, params = join_networks(opt, f_s, params_s, teacher, image_size=32)
     params = cast(params, opt.dtype, device)
     if distributed.is_main():
         print_tensor_dict(params, n_parameters)
 
-    train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,
-          num_classes=num_classes, n_groups=3 if opt.teacher_id else 0, device=device)
+    train(opt, transfer, params, train_loader, test_loader, n_parameters=n_parameters,
+          num_classes=num_classes, device=device)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ from errors import UserError, reports_user_errors
 from imagenet_data import ImageFolderLoader
 from resnet import IMAGENET_BLOCKS, define_student, define_teacher
 from training import add_transfer_and_run_arguments, speed_settings, start_run, join_networks, train
+from transfer import check_transfer_options
 from utils import cast, print_tensor_dict, DTYPES
 
 
@@ -46,6 +47,7 @@ def parse_args(argv=None):
         raise UserError(f'--width {opt.width} gives no channels; use a positive width such as 1')
     if opt.batch_size < 1 or opt.epochs < 1 or opt.nthread < 0:
         raise UserError('--batch_size and --epochs must be at least 1, --nthread at least 0')
+    check_transfer_options(opt, bool(opt.teacher_params), '--teacher_params')
     return opt
 
 
@@ -77,14 +79,13 @@ def main(argv=None):
     f_s, params_s = define_student(opt.depth, opt.width, num_classes)
     n_parameters = sum(p.numel() for p in params_s.values())
     teacher = load_teacher(opt.teacher_params, num_classes) if opt.teacher_params else None
-    f, params = join_networks(f_s, params_s, teacher)
+    transfer, params = join_networks(opt, f_s, params_s, teacher, image_size=224)
     params = cast(params, opt.dtype, device)
     if distributed.is_main():
         print_tensor_dict(params, n_parameters)
 
-    train(opt, f, params, train_loader, test_loader, n_parameters=n_parameters,
-          num_classes=num_classes, n_groups=4 if opt.teacher_params else 0, device=device,
-          topk=min(5, num_classes))
+    train(opt, transfer, params, train_loader, test_loader, n_parameters=n_parameters,
+          num_classes=num_classes, device=device, topk=min(5, num_classes))
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from checkpoint import network_params
 from errors import UserError
 from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
     set_requires_grad_except_bn_
@@ -223,9 +224,7 @@ def read_teacher_file(path):
         raise UserError(f'cannot read teacher weights {path} ({first_line}); expected a file '
                         f'written by torch.save') from None
     if isinstance(state, dict) and isinstance(state.get('params'), dict):  # a model.pt7
-        state = {**state['params'], **(state.get('stats') or {})}
-        if any(k.startswith('student.') for k in state):
-            state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+        state = network_params({**state['params'], **(state.get('stats') or {})})
     elif isinstance(state, dict) and isinstance(state.get('state_dict'), dict):  # pytorch/examples
         state = state['state_dict']
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):

@@ -23,7 +23,11 @@ NOT_CONFIGURATION = {'seed', 'save', 'resume', 'dataroot', 'data_root', 'imagene
                      'gpu_id', 'ngpu', 'cuda', 'compile'}
 # Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
 PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_parameters',
-             'train_time', 'test_time', 'at_losses'}
+             'train_time', 'test_time', 'at_losses', 'loss_weights'}
+# Transfer options at these values change nothing: runs logged before the options existed, and
+# runs that leave them alone, are one configuration.
+NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_beta': 0,
+           'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0}
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
 # The original code spelled these options differently; its runs group with ours.
 ORIGINAL_NAMES = {'batchSize': 'batch_size', 'weightDecay': 'weight_decay'}
@@ -91,7 +95,8 @@ def top1(acc):
 def configuration(record):
     options = {ORIGINAL_NAMES.get(k, k): v for k, v in record.items()
                if k not in NOT_CONFIGURATION and k not in PER_EPOCH
-               and not k.startswith(('train_', 'test_'))}
+               and not k.startswith(('train_', 'test_')) and not k.endswith(('_loss', '_losses'))
+               and not (k in NEUTRAL and v == NEUTRAL[k])}
     return json.dumps(options, sort_keys=True)
 
 
@@ -122,6 +127,8 @@ def method_weights(o):
     """The loss weights of the transfer methods in use; later methods add *_beta or aux_weight."""
     names = ['alpha', 'beta'] + sorted(k for k in o if k.endswith('_beta') or k == 'aux_weight')
     shown = [f'{k} {o[k]:g}' for k in names if isinstance(o.get(k), (int, float)) and o[k]]
+    shown += [f'{k} {o[k]:g}' if isinstance(o[k], float) else f'{k} {o[k]}'
+              for k in ('at_p', 'at_form', 'beta_decay') if k in o and o[k] != NEUTRAL[k]]
     return ', '.join(shown) or '-'
 
 

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
@@ -23,59 +22,29 @@ from checkpoint import CHECKPOINT, LOG, save_checkpoint, load_checkpoint, copy_p
     load_optimizer_state, append_log, rng_state, set_rng_state
 from errors import UserError, RunStopped
 from stopping import SignalStop, NonFiniteWatch
-from utils import at_loss, at_least_fp32, distillation, data_parallel
+from transfer import Transfer, add_transfer_loss_arguments, double_backward, kind, step_schedule
 
 
 # ----------------------------------------------------------------------------------------------
 # What is optimised
 
-def student_and_teacher(f_s, f_t):
-    """Joins a student f_s(x, params, mode, prefix) and a teacher f_t(x, params, prefix) into
-    f(x, params, mode) -> (student logits, teacher logits, one AT loss per group). Both live in
-    one dict under 'student.' and 'teacher.'; the teacher always runs in inference mode."""
-    def f(inputs, params, mode):
-        y_s, g_s = f_s(inputs, params, mode, 'student.')
-        with torch.no_grad():
-            y_t, g_t = f_t(inputs, params, 'teacher.')
-        return y_s, y_t, [at_loss(s, t) for s, t in zip(g_s, g_t)]
-    return f
-
-
-def student_alone(f_s):
-    def f(inputs, params, mode):
-        return f_s(inputs, params, mode)[0], None, []
-    return f
-
-
-def join_networks(f_s, params_s, teacher=None):
-    """(f, params) to train: the student alone, or student and teacher (f_t, params_t) in one
-    dict under 'student.' and 'teacher.' prefixes."""
+def join_networks(opt, f_s, params_s, teacher=None, image_size=32):
+    """(transfer, params) to train: the objective of transfer.py over the student alone, or over
+    student and teacher (f_t, params_t) in one dict under 'student.' and 'teacher.' prefixes,
+    plus whatever 'aux.' parameters the chosen methods train."""
     if teacher is None:
-        return student_alone(f_s), params_s
-    f_t, params_t = teacher
-    params = {**{'student.' + k: v for k, v in params_s.items()},
-              **{'teacher.' + k: v for k, v in params_t.items()}}
-    return student_and_teacher(f_s, f_t), params
-
-
-def loss_terms(opt, y_s, y_t, at_losses, targets):
-    """The objective's terms by name: cross-entropy alone, or KD and beta times each group's AT
-    loss. Naming them lets a divergence report say which one broke."""
-    y_s = at_least_fp32(y_s)
-    if y_t is None:
-        return {'cross_entropy': F.cross_entropy(y_s, targets)}
-    terms = {'distillation': distillation(y_s, at_least_fp32(y_t), targets, opt.temperature, opt.alpha)}
-    terms.update({f'at{g}': opt.beta * a for g, a in enumerate(at_losses)})
-    return terms
-
-
-def objective(opt, y_s, y_t, at_losses, targets):
-    return sum(loss_terms(opt, y_s, y_t, at_losses, targets).values())
+        transfer, params = Transfer(opt, f_s), params_s
+    else:
+        f_t, params_t = teacher
+        transfer = Transfer(opt, f_s, f_t)
+        params = {**{'student.' + k: v for k, v in params_s.items()},
+                  **{'teacher.' + k: v for k, v in params_t.items()}}
+    return transfer, transfer.add_aux_params(params, image_size)
 
 
 def learning_rate(opt, epoch, epoch_step):
     """LR of 1-based `epoch`: multiplied by lr_decay_ratio from each listed epoch on."""
-    return opt.lr * opt.lr_decay_ratio ** sum(epoch >= s for s in epoch_step)
+    return step_schedule(opt.lr, opt.lr_decay_ratio, epoch, epoch_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,15 +77,15 @@ class MeanStd(Metric):
         return [v.mean().item(), std]
 
 
-def attach_meters(engine, n_groups, topk, device):
-    """Attaches loss, accuracy and per-group AT meters; returns the loss meter."""
+def attach_meters(engine, term_names, topk, device):
+    """Attaches loss, accuracy and one meter per loss term; returns the loss meter."""
     loss = MeanStd(lambda o: (o['loss'], o['share']), device)
     loss.attach(engine, 'loss')
     Accuracy(lambda o: (o['y_pred'], o['y']), device=device).attach(engine, 'top1')
     if topk > 1:
         TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']), device=device).attach(engine, f'top{topk}')
-    for g in range(n_groups):
-        MeanStd(lambda o, g=g: (o['at'][g], o['share']), device).attach(engine, f'at{g}')
+    for name in term_names:
+        MeanStd(lambda o, name=name: (o['terms'][name], o['share']), device).attach(engine, 'term:' + name)
     return loss
 
 
@@ -138,7 +107,9 @@ def speed_settings(opt, device, epochs_to_run):
     bf16 = fast and (torch.cuda.is_bf16_supported() if device.type == 'cuda' else cpu_has_bf16())
     # Compiling takes about a minute per graph on a 2-core CPU (train, eval, and each partial
     # last batch are separate graphs) and saves about 30% of every step after that.
-    compile = fast and (opt.compile == 'on' or (opt.compile == 'auto' and epochs_to_run >= 10))
+    # Gradient-based terms differentiate twice, which compiled graphs do not support.
+    compile = fast and not double_backward(opt) and \
+        (opt.compile == 'on' or (opt.compile == 'auto' and epochs_to_run >= 10))
     return SimpleNamespace(autocast=bf16, channels_last=fast, fused=fast, compile=compile,
                            device_type=device.type)
 
@@ -157,6 +128,7 @@ def add_transfer_and_run_arguments(p):
     p.add_argument('--temperature', default=4, type=float)
     p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
     p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
+    add_transfer_loss_arguments(p)
     p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
     # Speed
     p.add_argument('--reference', action='store_true',
@@ -237,8 +209,8 @@ def parse_epoch_step(text):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classes, n_groups,
-          device, topk=1):
+def train(opt, transfer, params, train_loader, test_loader, *, n_parameters, num_classes, device,
+          topk=1):
     """Trains params['student.*'] (or all trainable params) with SGD, evaluating, logging and
     checkpointing after every epoch; resumes from --resume if given."""
     epoch_step = parse_epoch_step(opt.epoch_step)
@@ -264,13 +236,14 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     checkpoint_path = os.path.join(opt.save, CHECKPOINT)
     watch = NonFiniteWatch(device)
 
-    train_step, eval_step = make_steps(opt, f, params, optimizer, speed, watch, device)
+    weights = {}  # of each kind of loss term, set at the start of each epoch
+    train_step, eval_step = make_steps(opt, transfer, params, optimizer, weights, speed, watch, device)
 
     trainer, evaluator = Engine(train_step), Engine(eval_step)
     for engine in (trainer, evaluator):
         engine.logger.disabled = True  # it would repeat every exception's message before we report it
-    train_loss = attach_meters(trainer, n_groups, topk, device)
-    attach_meters(evaluator, 0, topk, device)
+    train_loss = attach_meters(trainer, transfer.term_names(), topk, device)
+    attach_meters(evaluator, [], topk, device)
     if main:
         # The bar reads the epoch's mean loss every few steps only: each read is a host sync.
         ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
@@ -287,6 +260,7 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         epoch = engine.state.epoch
         for group in optimizer.param_groups:
             group['lr'] = learning_rate(opt, epoch, epoch_step)
+        weights.update(transfer.weights(epoch, epoch_step))
         if epoch in epoch_step and engine.state.iteration % len(train_loader) == 0:
             # The reference code builds a new optimizer at each step, so momentum restarts.
             optimizer.state.clear()
@@ -320,8 +294,9 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
         watch.check(len(train_loader), last_good(engine))
         test_start = time.perf_counter()
         test_state = evaluator.run(test_loader)
-        stats = epoch_record(engine, test_state, n_groups, topk, train_time, synchronized_time() - test_start)
-        stats.update(num_classes=num_classes, n_parameters=n_parameters)
+        stats = epoch_record(engine, test_state, transfer.term_names(), topk, train_time,
+                             synchronized_time() - test_start)
+        stats.update(num_classes=num_classes, n_parameters=n_parameters, loss_weights=dict(weights))
         save(engine, engine.state.epoch)
         if main:
             append_log(opt.save, {**vars(opt), **stats})
@@ -347,20 +322,23 @@ def train(opt, f, params, train_loader, test_loader, *, n_parameters, num_classe
     distributed.shutdown()
 
 
-def make_steps(opt, f, params, optimizer, speed, watch, device):
+def make_steps(opt, transfer, params, optimizer, weights, speed, watch, device):
     """The training and evaluation steps: one forward (fp32, or bf16 under autocast; compiled or
-    not), the loss as the sum of its named terms, and outputs for the meters."""
+    not) giving the loss terms, their weighted sum as the loss, and outputs for the meters."""
     trainable = [v for v in params.values() if v.requires_grad]
 
     def forward(x, y, mode):
         if speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
-            y_s, y_t, at_losses = data_parallel(f, x, params, mode, range(opt.ngpu))
-            return loss_terms(opt, y_s, y_t, at_losses, y), y_s, at_losses
+            return transfer(x, y, params, mode)
 
     if speed.compile:
         forward = torch.compile(forward, dynamic=False)
+
+    def weighted_sum(terms):
+        # Terms of weight 0 (AT while only distilling, say) are logged but not differentiated.
+        return sum(weights[kind(n)] * v for n, v in terms.items() if weights[kind(n)])
 
     def share(x):
         """This process's fraction of the global batch, on the device (no host sync)."""
@@ -371,8 +349,8 @@ def make_steps(opt, f, params, optimizer, speed, watch, device):
 
     def train_step(engine, batch):
         x, y = batch
-        terms, y_s, at_losses = forward(x, y, True)
-        loss = sum(terms.values())
+        y_s, terms = forward(x, y, True)
+        loss = weighted_sum(terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.reduce_gradients_(trainable, len(x))
@@ -380,26 +358,33 @@ def make_steps(opt, f, params, optimizer, speed, watch, device):
         watch.update(engine.state.iteration, terms)
         # No .item() here: meters keep device tensors and are read once per epoch.
         return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share(x),
-                'at': [a.detach() for a in at_losses]}
+                'terms': {n: v.detach() for n, v in terms.items()}}
 
     @torch.no_grad()
     def eval_step(engine, batch):
         x, y = batch
-        terms, y_s, at_losses = forward(x, y, False)
-        return {'loss': sum(terms.values()), 'y_pred': y_s, 'y': y, 'at': at_losses, 'share': share(x)}
+        y_s, terms = forward(x, y, False)
+        return {'loss': weighted_sum(terms), 'y_pred': y_s, 'y': y, 'share': share(x)}
 
     return train_step, eval_step
 
 
-def epoch_record(trainer, test_state, n_groups, topk, train_time, test_time):
-    """The per-epoch fields of a log line, named as the reference code names them."""
+def epoch_record(trainer, test_state, term_names, topk, train_time, test_time):
+    """The per-epoch fields of a log line, named as the reference code names them; each loss
+    term's [mean, std] over the epoch's training batches goes under '<kind>_loss', per-group
+    terms in a list under '<kind>_losses' ('at_losses' is the reference code's field)."""
     m, t = trainer.state.metrics, test_state.metrics
     stats = {
         'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
         'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
         'epoch': trainer.state.epoch, 'train_time': train_time, 'test_time': test_time,
-        'at_losses': [m[f'at{g}'] for g in range(n_groups)],
+        'at_losses': [],
     }
+    for name in term_names:
+        if name[-1].isdigit():
+            stats.setdefault(kind(name) + '_losses', []).append(m['term:' + name])
+        else:
+            stats[name + '_loss'] = m['term:' + name]
     if topk > 1:
         stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
         stats[f'test_top{topk}'] = 100 * t[f'top{topk}']

@@ -1,4 +1,4 @@
-"""Functional building blocks over flat parameter dicts, and the transfer losses.
+"""Functional building blocks over flat parameter dicts.
 
 A network here is a plain function of (input, params, mode); `params` maps names such as
 'group0.block0.bn0.weight' to tensors. Batch-norm running statistics live in the same dict
@@ -11,42 +11,11 @@ from torch.nn.parallel import scatter, parallel_apply, gather
 from torch.nn.parallel._functions import Broadcast
 
 import distributed
+# The losses lived here in the reference code; scripts that import them from utils still work.
+from losses import at, at_loss, at_least_fp32, distillation  # noqa: F401
 
 DTYPES = {'float': torch.float32, 'double': torch.float64,
           'half': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention transfer and knowledge distillation (paper section 3.1, Hinton et al. 2015)
-
-def at_least_fp32(x):
-    """bf16/fp16 activations (autocast) are summed and normalised in fp32; fp64 stays fp64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def at(x):
-    """Activation-based attention map: F(A) = sum_c |A_c|^p with p = 2, flattened and
-    L2-normalised per sample (paper eq. 2 uses Q / ||Q||_2). Taking the channel *mean* instead
-    of the sum only rescales Q, which the normalisation removes."""
-    return F.normalize(at_least_fp32(x).pow(2).mean(1).flatten(1))
-
-
-def at_loss(x, y):
-    """Squared difference of the two normalised attention maps, averaged over batch and
-    positions. The paper writes beta/2 * ||Q_s - Q_t||_p; the reference code uses this mean,
-    and beta = 1e3 in the paper's experiments is calibrated for it."""
-    return (at(x) - at(y)).pow(2).mean()
-
-
-def distillation(y, teacher_scores, labels, T, alpha):
-    """Hinton's knowledge distillation:
-    alpha * T^2 * KL(softmax(t/T) || softmax(y/T)) + (1 - alpha) * CE(y, labels),
-    the KL summed over classes and averaged over the batch. T^2 keeps the soft-target
-    gradients on the same scale as the hard-target ones when T changes."""
-    p = F.log_softmax(y / T, dim=1)
-    q = F.softmax(teacher_scores / T, dim=1)
-    kl = F.kl_div(p, q, reduction='sum') * (T ** 2) / y.shape[0]
-    return alpha * kl + (1. - alpha) * F.cross_entropy(y, labels)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import data
 import imagenet_data
-from checkpoint import CHECKPOINT, load_checkpoint, copy_params_, read_log
+from checkpoint import CHECKPOINT, load_checkpoint, copy_params_, read_log, network_params
 from errors import UserError, reports_user_errors
 from resnet import resnet, define_student, define_teacher
 from utils import at, cast
@@ -46,14 +46,8 @@ def parse_args(argv=None):
 
 
 def split_checkpoint(params):
-    """(student, teacher) parameter dicts: a student run stores both under 'student.' and
-    'teacher.', a run without teacher stores plain names (teacher is then empty)."""
-    if not any(k.startswith('student.') for k in params):
-        return params, {}
-
-    def strip(prefix):
-        return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-    return strip('student.'), strip('teacher.')
+    """(student, teacher) parameter dicts; teacher is empty for a run without one."""
+    return network_params(params, 'student'), network_params(params, 'teacher')
 
 
 def evenly_spread(total, n, what):

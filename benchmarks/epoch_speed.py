@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
 from data import MEAN, STD, Loader, load_cifar  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import student_and_teacher, student_alone, train, cpu_has_bf16  # noqa: E402
-from utils import distillation  # noqa: E402
+from losses import at_loss, distillation  # noqa: E402
+from training import join_networks, train, cpu_has_bf16  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -53,15 +53,22 @@ def original_epochs(args, data, device):
     kw = dict(batch_size=128, num_workers=args.nthread, pin_memory=device.type == 'cuda')
     train_dl = torch.utils.data.DataLoader(train_ds, shuffle=True, **kw)
     test_dl = torch.utils.data.DataLoader(test_ds, shuffle=False, **kw)
-    f, params = build(args.mode, device)
+    f_s, params_s, teacher = networks(args.mode)
+    params = params_s if teacher is None else {**{'student.' + k: v for k, v in params_s.items()},
+                                               **{'teacher.' + k: v for k, v in teacher[1].items()}}
+    params = to_device(params, device)
     opt = torch.optim.SGD([v for v in params.values() if v.requires_grad], 0.1, momentum=0.9,
                           weight_decay=5e-4, foreach=False)
 
     def h(x, y, mode):
         x, y = x.to(device), y.to(device)
-        y_s, y_t, at_losses = f(x, params, mode)
-        if y_t is None:
+        if teacher is None:
+            y_s = f_s(x, params, mode)[0]
             return F.cross_entropy(y_s, y), y_s, y, []
+        y_s, g_s = f_s(x, params, mode, 'student.')
+        with torch.no_grad():
+            y_t, g_t = teacher[0](x, params, 'teacher.')
+        at_losses = [at_loss(s, t) for s, t in zip(g_s, g_t)]
         return distillation(y_s, y_t, y, 4, 0.9) + 1e3 * sum(at_losses), y_s, y, at_losses
 
     times = []
@@ -83,16 +90,20 @@ def original_epochs(args, data, device):
     return times[-1]
 
 
-def build(mode, device):
+def networks(mode):
+    """WRN-16-1 student, and for 'at' a WRN-16-2 teacher: (f_s, params_s, (f_t, params_t) or None).
+    A random teacher costs the same arithmetic as a trained one."""
     torch.manual_seed(0)
     f_s, p_s = resnet(16, 1, 10)
     if mode == 'plain':
-        return student_alone(f_s), {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in p_s.items()}
-    f_t, p_t = resnet(16, 2, 10)  # a random teacher costs the same arithmetic as a trained one
-    params = {**{'student.' + k: v for k, v in p_s.items()},
-              **{'teacher.' + k: v.requires_grad_(False) for k, v in p_t.items()}}
-    params = {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
-    return student_and_teacher(f_s, lambda x, p, prefix: f_t(x, p, False, prefix)), params
+        return f_s, p_s, None
+    f_t, p_t = resnet(16, 2, 10)
+    return f_s, p_s, (lambda x, p, prefix: f_t(x, p, False, prefix),
+                      {k: v.requires_grad_(False) for k, v in p_t.items()})
+
+
+def to_device(params, device):
+    return {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
 
 
 def our_epochs(args, data, device, reference):
@@ -100,11 +111,11 @@ def our_epochs(args, data, device, reference):
         flags = ['--save', os.path.join(tmp, 'run'), '--epochs', str(args.epochs), '--seed', '0',
                  '--beta', '1e3', '--alpha', '0.9', '--compile', args.compile] + (['--reference'] if reference else [])
         opt = cifar.parse_args(flags)
-        f, params = build(args.mode, device)
+        transfer, params = join_networks(opt, *networks(args.mode))
         train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=0)
         test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False)
-        train(opt, f, params, train_loader, test_loader, n_parameters=0, num_classes=10,
-              n_groups=3 if args.mode == 'at' else 0, device=device)
+        train(opt, transfer, to_device(params, device), train_loader, test_loader, n_parameters=0,
+              num_classes=10, device=device)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
             last = json.loads(log.readlines()[-1][len('json_stats: '):])
     return last['train_time'] + last['test_time']

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagenet  # noqa: E402
 from imagenet_data import ImageFiles  # noqa: E402
 from resnet import define_student, fold_batch_norm, teacher_forward, IMAGENET_BLOCKS  # noqa: E402
-from training import student_and_teacher, student_alone, train, cpu_has_bf16  # noqa: E402
+from training import join_networks, train, cpu_has_bf16  # noqa: E402
 
 
 class RandomBatches:
@@ -50,16 +50,15 @@ class RandomBatches:
         return iter([self.batch] * (self.steps - skip))
 
 
-def build(mode, num_classes):
+def networks(mode, num_classes):
+    """ResNet-18 student, and for 'at' a BN-folded ResNet-34 teacher: (f_s, params_s, teacher).
+    A random teacher costs the same arithmetic as a trained one."""
     torch.manual_seed(0)
     f_s, p_s = define_student(18, 1, num_classes)
     if mode == 'alone':
-        return student_alone(f_s), p_s
-    # A random teacher costs the same arithmetic as a trained one.
+        return f_s, p_s, None
     p_t = fold_batch_norm(define_student(34, 1, num_classes)[1])
-    params = {**{'student.' + k: v for k, v in p_s.items()},
-              **{'teacher.' + k: v.requires_grad_(False) for k, v in p_t.items()}}
-    return student_and_teacher(f_s, teacher_forward(IMAGENET_BLOCKS[34])), params
+    return f_s, p_s, (teacher_forward(IMAGENET_BLOCKS[34]), {k: v.requires_grad_(False) for k, v in p_t.items()})
 
 
 def images_per_second(args, mode, reference, device):
@@ -67,12 +66,11 @@ def images_per_second(args, mode, reference, device):
         flags = ['--imagenetpath', tmp, '--save', os.path.join(tmp, 'run'), '--epochs', '2', '--seed', '0',
                  '--beta', '1e3', '--alpha', '0.9', '--compile', args.compile] + (['--reference'] if reference else [])
         opt = imagenet.parse_args(flags)
-        f, params = build(mode, args.num_classes)
+        transfer, params = join_networks(opt, *networks(mode, args.num_classes), image_size=224)
         params = {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
         batches = RandomBatches(args.steps, args.batch_size, args.num_classes, device, not reference)
-        train(opt, f, params, batches, RandomBatches(1, args.batch_size, args.num_classes, device, not reference),
-              n_parameters=0, num_classes=args.num_classes, n_groups=4 if mode == 'at' else 0, device=device,
-              topk=5)
+        train(opt, transfer, params, batches, RandomBatches(1, args.batch_size, args.num_classes, device, not reference),
+              n_parameters=0, num_classes=args.num_classes, device=device, topk=5)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
             last = json.loads(log.readlines()[-1][len('json_stats: '):])
     return args.steps * args.batch_size / last['train_time']

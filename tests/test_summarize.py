@@ -116,3 +116,22 @@ def test_runs_of_cifar_py_differing_in_seed_are_one_configuration(image_tree, tm
     [row] = table_rows(result.stdout)
     assert (row['student'], row['teacher'], row['runs'], row['epochs']) == ('WRN-10-0.5', '-', '2', '1')
     check_png(tmp_path / 'curves.png', 500, 300)
+
+
+def test_transfer_options_left_at_their_defaults_group_with_runs_that_predate_them(tmp_path, monkeypatch, capsys):
+    neutral = dict(at_p=2, at_form='code', beta_decay=1, grad_beta=0, sym_beta=0, factt_beta=0,
+                   fitnet_beta=0, cos_beta=0, aux_weight=0)
+    per_epoch = dict(loss_weights={'distillation': 1, 'at': 1000}, distillation_loss=[1.2, 0.1])
+    write_log(tmp_path / 'logs/before', ours([10.0], epochs=1, seed=1))
+    write_log(tmp_path / 'logs/after', ours([12.0], epochs=1, seed=2, **neutral, **per_epoch))
+    write_log(tmp_path / 'logs/factt', ours([9.0], epochs=1, seed=1, **{**neutral, **per_epoch},
+                                            factt_beta=1.0, at_p=4.0, beta_decay=0.1,
+                                            factt_losses=[[0.5, 0.1]] * 3))
+    monkeypatch.chdir(tmp_path)
+    summarize.main(['logs'])
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 2
+    at = next(r for r in rows if r['weights'] == 'beta 1000')
+    assert at['runs'] == '2' and float(at['final error %']) == 11.0
+    factt = next(r for r in rows if r['weights'] != 'beta 1000')
+    assert factt['weights'] == 'beta 1000, factt_beta 1, at_p 4, beta_decay 0.1' and factt['runs'] == '1'

@@ -6,13 +6,14 @@ import torch
 
 from errors import UserError
 from resnet import resnet
-from training import MeanStd, learning_rate, objective, parse_epoch_step, speed_settings, \
-    student_and_teacher, cpu_has_bf16
+from training import MeanStd, learning_rate, parse_epoch_step, speed_settings, join_networks, \
+    cpu_has_bf16
 
 
 def options(**kw):
     base = dict(lr=0.1, lr_decay_ratio=0.2, temperature=4, alpha=0.9, beta=1e3, reference=False,
-                dtype='float', compile='auto')
+                dtype='float', compile='auto', at_p=2, at_form='code', beta_decay=1, grad_beta=0,
+                sym_beta=0, factt_beta=0, fitnet_beta=0, cos_beta=0, aux_weight=0, ngpu=1)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -57,15 +58,19 @@ def test_bf16_autocast_loss_is_close_to_fp32():
     torch.manual_seed(0)
     f_s, p_s = resnet(10, 1, 10)
     f_t, p_t = resnet(10, 2, 10)
-    params = {**{'student.' + k: v for k, v in p_s.items()},
-              **{'teacher.' + k: v.requires_grad_(False) for k, v in p_t.items()}}
-    f = student_and_teacher(f_s, lambda x, p, prefix: f_t(x, p, False, prefix))
+    transfer, params = join_networks(options(), f_s, p_s,
+                                     (lambda x, p, prefix: f_t(x, p, False, prefix), p_t))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    ref = objective(options(), *f(x, params, False), y)
+    weights = transfer.weights(1, [])
+
+    def objective(terms):
+        return sum(weights[n.rstrip('0123456789')] * v for n, v in terms.items())
+
+    ref = objective(transfer(x, y, params, False)[1])
     with torch.autocast('cpu', torch.bfloat16):
-        y_s, y_t, at_losses = f(x, params, False)
-        fast = objective(options(), y_s, y_t, at_losses, y)
-    assert y_s.dtype == torch.bfloat16 and at_losses[0].dtype == torch.float32
+        y_s, terms = transfer(x, y, params, False)
+        fast = objective(terms)
+    assert y_s.dtype == torch.bfloat16 and terms['at0'].dtype == torch.float32
     assert fast.dtype == torch.float32
     assert abs(fast.item() - ref.item()) / ref.item() < 2e-2
 
