@@ -3,8 +3,8 @@ group of the student and, for a student run, its teacher's panel for the same gr
 
     python visualize.py logs/at16-1 --n 8 --out attention.png
 
-The map is the one attention transfer compares (utils.at: the channel mean of the squared
-activations, L2-normalised per image), upsampled bilinearly to the image and overlaid on it.
+The map is the one attention transfer compares (losses.at: the channel mean of the squared
+activations, or of their |.|^p for a run with --at_p p, L2-normalised per image), upsampled bilinearly to the image and overlaid on it.
 Student and teacher maps of one group and image share one colour scale (blue 0, red the larger
 of the two peaks): after the L2 normalisation a more concentrated map has a higher peak, so the
 colours compare how focused the two networks are. Works for runs of cifar.py and imagenet.py.
@@ -21,7 +21,8 @@ import imagenet_data
 from checkpoint import CHECKPOINT, load_checkpoint, copy_params_, read_log, network_params
 from errors import UserError, reports_user_errors
 from resnet import resnet, define_student, define_teacher
-from utils import at, cast
+from losses import at
+from utils import cast
 
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
 
@@ -148,15 +149,15 @@ def imagenet_images(root, n):
 # ----------------------------------------------------------------------------------------------
 # Shared by both: maps per group, and the grid.
 
-def attention_columns(outputs, size):
+def attention_columns(outputs, size, p=2):
     """One (title, maps N x H x W in [0, 1]) column per group and network, the networks of a
-    group side by side and scaled by their common maximum per image."""
+    group side by side and scaled by their common maximum per image; p is the run's --at_p."""
     columns = []
     for g in range(min(len(groups) for _, (_, groups) in outputs)):
         maps = []
         for role, (_, groups) in outputs:
             a = groups[g].float()
-            q = at(a).view(a.shape[0], 1, *a.shape[2:])
+            q = at(a, p).view(a.shape[0], 1, *a.shape[2:])
             up = F.interpolate(q, size=size, mode='bilinear', align_corners=False)[:, 0]
             maps.append((f'{role}\ngroup {g}, {a.shape[2]}x{a.shape[3]}', up))
         scale = torch.stack([m for _, m in maps]).amax(dim=(0, 2, 3)).clamp_min(1e-12).view(-1, 1, 1)
@@ -225,7 +226,7 @@ def main(argv=None):
     roles = ['student', 'teacher'] if len(nets) == 2 else ['network']
     with torch.no_grad():
         outputs = [(role, f(x)) for role, (_, f) in zip(roles, nets)]
-    columns = attention_columns(outputs, images.shape[2:])
+    columns = attention_columns(outputs, images.shape[2:], record.get('at_p', 2))
     title = (f'{opt.run}, epoch {record["epoch"]}, test error {100 - top1(record["test_acc"]):.2f}%\n'
              + ', '.join(f'{role} {name}' for role, (name, _) in zip(roles, nets)))
     draw_grid(images, columns, row_labels(labels, outputs, class_names), title, opt.out)

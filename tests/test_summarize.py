@@ -124,8 +124,8 @@ def test_transfer_options_left_at_their_defaults_group_with_runs_that_predate_th
     per_epoch = dict(loss_weights={'distillation': 1, 'at': 1000}, distillation_loss=[1.2, 0.1])
     write_log(tmp_path / 'logs/before', ours([10.0], epochs=1, seed=1))
     write_log(tmp_path / 'logs/after', ours([12.0], epochs=1, seed=2, **neutral, **per_epoch))
-    write_log(tmp_path / 'logs/factt', ours([9.0], epochs=1, seed=1, **{**neutral, **per_epoch},
-                                            factt_beta=1.0, at_p=4.0, beta_decay=0.1,
+    write_log(tmp_path / 'logs/factt', ours([9.0], epochs=1, seed=1, **per_epoch,
+                                            **{**neutral, 'factt_beta': 1.0, 'at_p': 4.0, 'beta_decay': 0.1},
                                             factt_losses=[[0.5, 0.1]] * 3))
     monkeypatch.chdir(tmp_path)
     summarize.main(['logs'])
