@@ -106,19 +106,34 @@ def to_device(params, device):
     return {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
 
 
-def our_epochs(args, data, device, reference):
+def last_epoch(flags, mode, data, device):
+    """Trains through cifar.py's options and the shared loop; the last log line."""
     with tempfile.TemporaryDirectory() as tmp:
-        flags = ['--save', os.path.join(tmp, 'run'), '--epochs', str(args.epochs), '--seed', '0',
-                 '--beta', '1e3', '--alpha', '0.9', '--compile', args.compile] + (['--reference'] if reference else [])
-        opt = cifar.parse_args(flags)
-        transfer, params = join_networks(opt, *networks(args.mode))
+        opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--seed', '0'] + flags)
+        transfer, params = join_networks(opt, *networks(mode))
         train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=0)
         test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False)
         train(opt, transfer, to_device(params, device), train_loader, test_loader, n_parameters=0,
               num_classes=10, device=device)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
-            last = json.loads(log.readlines()[-1][len('json_stats: '):])
+            return json.loads(log.readlines()[-1][len('json_stats: '):])
+
+
+def our_epochs(args, data, device, reference):
+    flags = ['--epochs', str(args.epochs), '--beta', '1e3', '--alpha', '0.9', '--compile', args.compile]
+    last = last_epoch(flags + (['--reference'] if reference else []), args.mode, data, device)
     return last['train_time'] + last['test_time']
+
+
+def random_subset(dataroot, n_train, n_test, nthread):
+    """{'train': (images, labels), 'test': ...}: a seeded random subset of each split."""
+    rng = torch.Generator().manual_seed(0)
+    data = {}
+    for split, n in (('train', n_train), ('test', n_test)):
+        images, labels = load_cifar(dataroot, 'CIFAR10', split == 'train', nthread)
+        keep = torch.randperm(len(images), generator=rng)[:n]
+        data[split] = (images[keep], labels[keep])
+    return data
 
 
 def main():
@@ -135,12 +150,7 @@ def main():
                    default=['original', 'reference', 'ours'])
     args = p.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    rng = torch.Generator().manual_seed(0)
-    data = {}
-    for split, n in (('train', args.train_images), ('test', args.test_images)):
-        images, labels = load_cifar(args.dataroot, 'CIFAR10', split == 'train', args.nthread)
-        keep = torch.randperm(len(images), generator=rng)[:n]
-        data[split] = (images[keep], labels[keep])
+    data = random_subset(args.dataroot, args.train_images, args.test_images, args.nthread)
     n = len(data['train'][0]) + len(data['test'][0])
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}'

@@ -10,19 +10,15 @@ runs the same kind of step. Each method trains two epochs on a random subset; th
 the cost.
 """
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cifar  # noqa: E402
-from data import Loader, load_cifar  # noqa: E402
-from epoch_speed import networks, to_device  # noqa: E402
-from training import join_networks, train, cpu_has_bf16  # noqa: E402
+from epoch_speed import last_epoch, random_subset  # noqa: E402
+from training import cpu_has_bf16  # noqa: E402
 
 METHODS = [
     ('student alone', None),
@@ -40,18 +36,12 @@ METHODS = [
 
 
 def epoch_seconds(flags, data, device, epochs):
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = flags is not None
-        opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--epochs', str(epochs), '--seed', '0',
-                                '--compile', 'off'] + (['--teacher_id', 'random'] + flags if teacher else []))
-        f_s, p_s, t = networks('at' if teacher else 'plain')
-        transfer, params = join_networks(opt, f_s, p_s, t)
-        train_loader = Loader(*[x.to(device) for x in data['train']], 128, train=True, seed=0)
-        test_loader = Loader(*[x.to(device) for x in data['test']], 128, train=False)
-        train(opt, transfer, to_device(params, device), train_loader, test_loader, n_parameters=0,
-              num_classes=10, device=device)
-        with open(os.path.join(tmp, 'run', 'log.txt')) as log:
-            last = json.loads(log.readlines()[-1][len('json_stats: '):])
+    """(train, test) seconds of the last epoch; flags None: the student alone."""
+    common = ['--epochs', str(epochs), '--compile', 'off']
+    if flags is None:
+        last = last_epoch(common, 'plain', data, device)
+    else:
+        last = last_epoch(common + ['--teacher_id', 'random'] + flags, 'at', data, device)
     return last['train_time'], last['test_time']
 
 
@@ -63,12 +53,7 @@ def main():
     p.add_argument('--epochs', type=int, default=2)
     args = p.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    rng = torch.Generator().manual_seed(0)
-    data = {}
-    for split, n in (('train', args.train_images), ('test', args.test_images)):
-        images, labels = load_cifar(args.dataroot, 'CIFAR10', split == 'train', 4)
-        keep = torch.randperm(len(images), generator=rng)[:n]
-        data[split] = (images[keep], labels[keep])
+    data = random_subset(args.dataroot, args.train_images, args.test_images, 4)
     machine = torch.cuda.get_device_name() if device.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}'
     print(f'{len(data["train"][0])} train + {len(data["test"][0])} test images, torch {torch.__version__}, {machine}')

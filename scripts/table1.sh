@@ -5,19 +5,21 @@
 #
 # Usage: scripts/table1.sh [extra cifar.py flags, e.g. --dataroot DIR]
 #        SEEDS="1 2" scripts/table1.sh ...          fewer seeds
+#        CIFAR=echo scripts/table1.sh               print the runs' flags instead of training
 # Every run lives in logs/table1/<name>; a finished run is skipped and an interrupted one resumes,
 # so the script can simply be started again. Read the table with
 #        python3 summarize.py logs/table1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1 2 3 4 5"}
+CIFAR=${CIFAR:-python3 cifar.py}  # CIFAR=echo lists the runs without training
 
 run() {  # run NAME [cifar.py flags...]
   local dir=logs/table1/$1; shift
   if [ -f "$dir/model.pt7" ]; then
-    python3 cifar.py --save "$dir" --resume "$dir/model.pt7" "$@"
+    $CIFAR --save "$dir" --resume "$dir/model.pt7" "$@"
   else
-    python3 cifar.py --save "$dir" "$@"
+    $CIFAR --save "$dir" "$@"
   fi
 }
 
