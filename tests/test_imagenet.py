@@ -211,7 +211,8 @@ def test_at_student_of_a_torchvision_teacher_trains_logs_and_resumes(tmp_path):
     torch.save(randomised(torchvision.models.resnet18(weights=None, num_classes=3)).state_dict(),
                tmp_path / 'resnet18.pth')
     common = ['--imagenetpath', root, '--depth', 18, '--width', 0.25, '--teacher_params', 'resnet18.pth',
-              '--batch_size', 4, '--nthread', 0, '--beta', 1e3, '--alpha', 0.9, '--seed', 1, '--save', 'logs/at']
+              '--batch_size', 4, '--nthread', 0, '--beta', 1e3, '--alpha', 0.9, '--seed', 1, '--save', 'logs/at',
+              '--factt_beta', 0.1, '--aux_weight', 0.3]  # four F-ActT maps 16..128 -> 64..512 channels
     out = ok(run_cli('imagenet.py', *common, '--epochs', 1, cwd=tmp_path))
     assert '(1/1), test_acc' in out.stdout
     ok(run_cli('imagenet.py', *common, '--epochs', 2, '--resume', 'logs/at/model.pt7', cwd=tmp_path))
@@ -222,13 +223,15 @@ def test_at_student_of_a_torchvision_teacher_trains_logs_and_resumes(tmp_path):
     _, student = define_student(18, 0.25, 3)
     assert r['n_parameters'] == sum(v.numel() for v in student.values())
     assert 0 <= r['test_acc'] <= r['test_top3'] == 100 and 0 <= r['train_acc'] <= r['train_top3'] == 100
-    assert len(r['at_losses']) == 4
+    assert len(r['at_losses']) == 4 and len(r['factt_losses']) == 4 and len(r['aux_losses']) == 2
     for mean, std in r['at_losses']:
         assert mean > 0 and math.isfinite(mean) and std is not None
     ckpt = torch.load(tmp_path / 'logs/at/model.pt7', weights_only=True)
     assert ckpt['epoch'] == 2
     teacher = define_teacher(str(tmp_path / 'resnet18.pth'))[1]
-    assert set(ckpt['params']) == {'student.' + k for k in student} | {'teacher.' + k for k in teacher}
+    aux = {k for k in ckpt['params'] if k.startswith('aux.')}
+    assert {'aux.factt3.conv', 'aux.head1.fc.weight'} <= aux
+    assert set(ckpt['params']) - aux == {'student.' + k for k in student} | {'teacher.' + k for k in teacher}
     for k, v in teacher.items():  # the teacher is folded once and never trained
         assert torch.equal(ckpt['params']['teacher.' + k], v), k
 
