@@ -1,0 +1,156 @@
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+
+import zoo
+from errors import UserError
+from repdistiller_reference import REFERENCES
+
+# Parameter counts of RepDistiller's modules for 100 classes (state dict without num_batches_tracked).
+REPDISTILLER_COUNTS = {'resnet8x4': 1236292, 'resnet32x4': 7443780, 'resnet20': 279892, 'vgg8': 3967972,
+                       'MobileNetV2': 831204, 'ShuffleV1': 972994, 'ShuffleV2': 1371708,
+                       'ResNet50': 23758372, 'wrn_16_1': 181844}
+ONE_PER_FAMILY = ['resnet8x4', 'ResNet50', 'wrn_16_1', 'vgg8', 'MobileNetV2', 'ShuffleV1', 'ShuffleV2']
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Batch-2 convolutions are too small to share: with several threads the file ran ten times
+    slower on a busy two-core machine (threads spin waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference(arch, num_classes=100, seed=0):
+    """RepDistiller's network with BN statistics and affine parameters away from their initial
+    values, so that a BN in eval mode is not the identity."""
+    torch.manual_seed(seed)
+    module = REFERENCES[arch](num_classes)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return module
+
+
+def save_repdistiller(module, path, **extra):
+    torch.save({'epoch': 240, 'model': module.state_dict(), 'accuracy': torch.tensor(70.0), **extra}, path)
+    return str(path)
+
+
+def double(params):
+    return {k: v.detach().double() for k, v in params.items()}
+
+
+@pytest.mark.parametrize('arch', zoo.ARCHS)
+def test_counts_names_and_shapes_match_repdistiller(arch):
+    with torch.device('meta'):  # shapes only
+        _, params = zoo.network(arch, 100)
+        ref = REFERENCES[arch](100)
+    theirs = {k: v.shape for k, v in ref.state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert {k: v.shape for k, v in zoo.to_repdistiller(params, arch).items()} == theirs
+    count = sum(v.numel() for v in params.values())
+    assert count == sum(s.numel() for s in theirs.values()) == REPDISTILLER_COUNTS.get(arch, count)
+    assert all(v.dtype == torch.float32 and v.requires_grad == ('running' not in k) for k, v in params.items())
+
+
+@pytest.mark.parametrize('arch', zoo.ARCHS)
+def test_loaded_checkpoint_computes_what_repdistiller_computes(arch, tmp_path):
+    ref = reference(arch)
+    params = zoo.load_repdistiller(save_repdistiller(ref, tmp_path / 'ckpt_epoch_240.pth'), arch, 100)
+    assert all(v.dtype == torch.float32 and not v.requires_grad for v in params.values())
+    f, _ = zoo.network(arch, 100)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits, groups = f(x, double(params), False)
+        feats, ref_logits = ref.double().eval()(x, is_feat=True)
+    assert logits.shape == (2, 100) and [g.shape for g in groups] == [r.shape for r in feats[1:-1]]
+    assert logits.abs().max() > 1e-3  # the comparison is not between vanishing numbers
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9 * ref_logits.abs().max().item())
+    for g, r in zip(groups, feats[1:-1]):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
+
+
+@pytest.mark.parametrize('arch', ONE_PER_FAMILY)
+def test_training_mode_moves_running_statistics_like_repdistiller(arch):
+    ref = reference(arch, seed=1).double().train()
+    f, params = zoo.network(arch, 100)
+    state = ref.state_dict()
+    params = {k: state[zoo.repdistiller_name(arch, k)].clone() for k in params}
+    before = {k: v.clone() for k, v in params.items() if 'running' in k}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits, _ = f(x, params, True)
+        _, ref_logits = ref(x, is_feat=True)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9 * ref_logits.abs().max().item())
+    for k in before:
+        assert not torch.equal(params[k], before[k])
+        torch.testing.assert_close(params[k], state[zoo.repdistiller_name(arch, k)], rtol=1e-9, atol=1e-12)
+
+
+def test_base_prefix_selects_one_network_of_a_shared_dict():
+    f, params = zoo.network('ShuffleV2', 10)
+    shared = {'teacher.' + k: v for k, v in params.items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x, shared, False, 'teacher.')[0], f(x, params, False)[0])
+
+
+def test_unknown_architecture_lists_the_valid_names():
+    with pytest.raises(UserError, match='mobile_half.*resnet8, resnet14.*ShuffleV2'):
+        zoo.network('mobile_half', 100)
+
+
+def test_accepts_a_bare_state_dict_dataparallel_names_and_saved_options(tmp_path):
+    ref = reference('resnet8')
+    expected = zoo.load_repdistiller(save_repdistiller(ref, tmp_path / 'a.pth'), 'resnet8', 100)
+    torch.save({'module.' + k: v for k, v in ref.state_dict().items()}, tmp_path / 'b.pth')
+    last = save_repdistiller(ref, tmp_path / 'resnet8_last.pth', opt=argparse.Namespace(model='resnet8'))
+    for path in (tmp_path / 'b.pth', last):
+        params = zoo.load_repdistiller(str(path), 'resnet8', 100)
+        assert list(params) == list(expected)
+        assert all(torch.equal(params[k], expected[k]) for k in params)
+
+
+@pytest.mark.parametrize('arch,num_classes,message', [
+    ('resnet20', 100, r'is not a RepDistiller resnet20 for 100 classes: it lacks layer1\.1\.conv1\.weight;'),
+    ('resnet8x4', 100, r'it lacks layer1\.0\.downsample\.0\.weight'),
+    ('wrn_16_1', 100, r'it lacks block1\.layer\.0\.conv1\.weight'),
+    ('resnet8', 10, r'fc\.weight has shape \(100, 64\), expected \(10, 64\); check the architecture and the number'),
+])
+def test_refuses_another_architecture_or_class_count(tmp_path, arch, num_classes, message):
+    path = save_repdistiller(REFERENCES['resnet8'](100), tmp_path / 'resnet8.pth')
+    with pytest.raises(UserError, match=message) as e:
+        zoo.load_repdistiller(path, arch, num_classes)
+    assert '\n' not in str(e.value)
+
+
+def test_refuses_extra_tensors(tmp_path):
+    path = save_repdistiller(REFERENCES['resnet20'](100), tmp_path / 'resnet20.pth')
+    with pytest.raises(UserError, match=r'it has unexpected layer1\.1\.conv1\.weight'):
+        zoo.load_repdistiller(path, 'resnet8', 100)
+
+
+def test_refuses_missing_and_damaged_files(tmp_path):
+    with pytest.raises(UserError, match='nothing.pth does not exist'):
+        zoo.load_repdistiller(str(tmp_path / 'nothing.pth'), 'resnet8', 100)
+    path = save_repdistiller(REFERENCES['resnet8'](100), tmp_path / 'resnet8.pth')
+    data = open(path, 'rb').read()
+    for name, content in (('garbage.pth', b'not a checkpoint'), ('truncated.pth', data[:len(data) // 2])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=f'cannot read RepDistiller checkpoint .*{name}') as e:
+            zoo.load_repdistiller(str(tmp_path / name), 'resnet8', 100)
+        assert '\n' not in str(e.value)
+    torch.save({'model': nn.Linear(2, 2)}, tmp_path / 'module.pth')
+    with pytest.raises(UserError, match=r'module.pth holds a pickled torch\.nn\.modules\.linear\.Linear.*state_dict'):
+        zoo.load_repdistiller(str(tmp_path / 'module.pth'), 'resnet8', 100)
+    torch.save({'model': [1, 2]}, tmp_path / 'list.pth')
+    with pytest.raises(UserError, match='list.pth holds no state dict'):
+        zoo.load_repdistiller(str(tmp_path / 'list.pth'), 'resnet8', 100)
