@@ -12,12 +12,14 @@ import os
 import distributed
 
 from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_, network_params
-from data import NUM_CLASSES, Loader, load_cifar
+from data import NUM_CLASSES, Loader, check_cifar_tree, load_cifar
 from errors import UserError, reports_user_errors
-from resnet import resnet, wrn_block_count
-from training import add_transfer_and_run_arguments, start_run, join_networks, train
-from transfer import check_transfer_options
-from utils import cast, print_tensor_dict, DTYPES
+from cohort import start_runs
+from devices import uses_channels_last
+from options import CIFAR_RULES, add_common_arguments, check_options, check_paths
+from resnet import resnet
+from training import build_members, train
+from utils import print_tensor_dict, DTYPES
 
 
 def parse_args(argv=None):
@@ -37,17 +39,12 @@ def parse_args(argv=None):
     p.add_argument('--weight_decay', default=0.0005, type=float)
     p.add_argument('--epoch_step', default='[60,120,160]', type=str, help='json list with epochs to drop lr on')
     p.add_argument('--lr_decay_ratio', default=0.2, type=float)
-    p.add_argument('--resume', default='', type=str, help='model.pt7 to continue from')
+    p.add_argument('--resume', default='', type=str,
+                   help="model.pt7 to continue from (a cohort: the cohort's --save directory)")
     p.add_argument('--randomcrop_pad', default=4, type=float)
-    add_transfer_and_run_arguments(p)
+    add_common_arguments(p)
     opt = p.parse_args(argv)
-    if wrn_block_count(opt.depth) is None:
-        raise UserError(f'--depth {opt.depth} is not 6n+4 (n >= 1); use e.g. 16, 22, 28 or 40')
-    if opt.width <= 0 or int(16 * opt.width) < 1:
-        raise UserError(f'--width {opt.width} gives no channels; use a positive width such as 1 or 2')
-    if opt.batch_size < 1 or opt.epochs < 1:
-        raise UserError('--batch_size and --epochs must be at least 1')
-    check_transfer_options(opt, bool(opt.teacher_id), '--teacher_id')
+    check_options(opt, CIFAR_RULES, 'teacher_id')
     return opt
 
 
@@ -75,27 +72,26 @@ def load_teacher(teacher_id, num_classes):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    device = start_run(opt)
+    check_paths(opt)
+    check_cifar_tree(opt.dataroot, opt.dataset)  # lists folders only: nothing is decoded yet
+    device, runs = start_runs(opt, CIFAR_RULES, 'teacher_id')
     num_classes = NUM_CLASSES[opt.dataset]
 
     train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread)
     test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread)
-    dtype = DTYPES[opt.dtype]
+    layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt))
     train_loader = Loader(train_images.to(device), train_labels.to(device), opt.batch_size, train=True,
-                          pad=int(opt.randomcrop_pad), seed=opt.seed, dtype=dtype)
+                          pad=int(opt.randomcrop_pad), seed=opt.data_seed, **layout)
     test_loader = Loader(test_images.to(device), test_labels.to(device), opt.batch_size, train=False,
-                         dtype=dtype)
+                         **layout)
 
-    f_s, params_s = resnet(opt.depth, opt.width, num_classes)
-    n_parameters = sum(p.numel() for p in params_s.values())
     teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
-    transfer, params = join_networks(opt, f_s, params_s, teacher, image_size=32)
-    params = cast(params, opt.dtype, device)
+    members = build_members(runs, lambda: resnet(opt.depth, opt.width, num_classes), teacher,
+                            image_size=32, device=device, channels_last=layout['channels_last'])
     if distributed.is_main():
-        print_tensor_dict(params, n_parameters)
+        print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
-    train(opt, transfer, params, train_loader, test_loader, n_parameters=n_parameters,
-          num_classes=num_classes, device=device)
+    train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device)
 
 
 if __name__ == '__main__':

@@ -29,43 +29,92 @@ def load_cifar(dataroot, dataset, train, threads=4):
     `dataroot` holds either an image tree (train/<class>/*, test/<class>/*, class folders
     sorted in label order) or the python release of `dataset` (cifar-10-batches-py/ or
     cifar-100-python/, which torchvision downloads there when it is missing)."""
-    split = 'train' if train else 'test'
-    if os.path.isdir(os.path.join(dataroot, 'train')) and os.path.isdir(os.path.join(dataroot, 'test')):
-        images, labels, n_classes = load_image_tree(os.path.join(dataroot, split), threads)
-        if n_classes != NUM_CLASSES[dataset]:
-            raise UserError(f'{dataroot}/{split} has {n_classes} class folders but --dataset {dataset} '
-                            f'has {NUM_CLASSES[dataset]}; point --dataroot at a {dataset} image tree '
-                            f'or pass the matching --dataset')
-        return images, labels
+    tree = check_cifar_tree(dataroot, dataset)
+    if tree:
+        files, labels = tree['train' if train else 'test']
+        return decode_images(files, threads), torch.tensor(labels)
     return load_torchvision_release(dataroot, dataset, train)
 
 
-def load_image_tree(root, threads=4):
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        names = sorted(n for n in os.listdir(os.path.join(root, c))
-                       if n.lower().endswith(IMAGE_EXTENSIONS))
-        files += [os.path.join(root, c, n) for n in names]
-        labels += [label] * len(names)
-    if not files:
+def check_cifar_tree(dataroot, dataset):
+    """{split: (files, labels)} of the image tree under dataroot, or None when it holds none.
+    Refuses a tree that would train on wrong labels, from folder listings alone (no image is
+    opened): class folders that differ between the splits, a number of them other than
+    `dataset` has, or one without images."""
+    if not all(os.path.isdir(os.path.join(dataroot, split)) for split in ('train', 'test')):
+        return None
+    (train_files, train_labels, classes), (test_files, test_labels, test_classes) = [
+        list_image_tree(os.path.join(dataroot, split)) for split in ('train', 'test')]
+    check_same_classes(os.path.join(dataroot, 'train'), classes, os.path.join(dataroot, 'test'), test_classes)
+    if len(classes) != NUM_CLASSES[dataset]:
+        raise UserError(f'{dataroot}/train has {len(classes)} class folders but --dataset {dataset} '
+                        f'has {NUM_CLASSES[dataset]}; point --dataroot at a {dataset} image tree '
+                        f'or pass the matching --dataset')
+    return {'train': (train_files, train_labels), 'test': (test_files, test_labels)}
+
+
+def list_image_tree(root):
+    """(files, labels, classes) of root/<class>/*: every sub-folder is a class, numbered in
+    sorted order as torchvision's ImageFolder numbers them; files without an image extension
+    are left out. Only names are read, so this is quick even for ImageNet."""
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        folders = [sorted(e.name for e in os.scandir(os.path.join(root, c))
+                          if e.name.lower().endswith(IMAGE_EXTENSIONS)) for c in classes]
+    except OSError as e:
+        raise UserError(f'cannot list {e.filename} ({e.strerror}); check the data folder') from None
+    if not classes:
         raise UserError(f'no images found under {root}/<class>/; expected PNG or JPEG files '
                         f'in one folder per class')
+    files, labels = [], []
+    for label, (c, names) in enumerate(zip(classes, folders)):
+        # An empty folder still takes a label, so the network would get a class it never sees.
+        if not names:
+            raise UserError(f'class folder {os.path.join(root, c)} holds no images '
+                            f'({", ".join(IMAGE_EXTENSIONS)}); add its images or remove the folder')
+        files += [os.path.join(root, c, n) for n in names]
+        labels += [label] * len(names)
+    return files, labels, classes
 
+
+def check_same_classes(first, first_classes, second, second_classes):
+    """Labels are positions in the sorted list of class folders, so one folder renamed, added or
+    missing in one split shifts the labels of every class after it."""
+    if first_classes == second_classes:
+        return
+
+    def names(only):
+        return ', '.join(only[:3]) + (f' and {len(only) - 3} more' if len(only) > 3 else '') or 'none'
+
+    only_first = sorted(set(first_classes) - set(second_classes))
+    only_second = sorted(set(second_classes) - set(first_classes))
+    raise UserError(f'{first} and {second} have different class folders (only in '
+                    f'{os.path.basename(first)}: {names(only_first)}; only in {os.path.basename(second)}: '
+                    f'{names(only_second)}); both splits need the same ones')
+
+
+# Pillow's modes with more than 8 bits per sample: converting them to RGB clips at 255.
+WIDE_MODES = ('I', 'F', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def decode_images(files, threads=4):
+    """The files as one uint8 N x 3 x 32 x 32 tensor; grayscale, palette and RGBA images are
+    converted to RGB (alpha is dropped, not blended)."""
     def decode(path):
         try:
             with Image.open(path) as im:
+                if im.size != (32, 32):
+                    raise UserError(f'{path} is not a 32x32 image; the CIFAR networks need 32x32 inputs')
+                if im.mode in WIDE_MODES:
+                    raise UserError(f'{path} has {im.mode} samples, which RGB would clip to 8 bits; '
+                                    f'save it as an 8-bit PNG or JPEG')
                 return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); remove or replace the file')
 
     # Pillow releases the GIL while decoding, so threads speed this up.
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        images = list(pool.map(decode, files, chunksize=256))
-    odd = next((f for f, im in zip(files, images) if im.shape != (3, 32, 32)), None)
-    if odd is not None:
-        raise UserError(f'{odd} is not a 32x32 image; the CIFAR networks need 32x32 inputs')
-    return torch.stack(images), torch.tensor(labels), len(classes)
+        return torch.stack(list(pool.map(decode, files, chunksize=256)))
 
 
 RELEASE = {'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'labels'),
@@ -138,17 +187,20 @@ def random_crop_flip(x, pad, generator):
 
 
 class Loader:
-    """Iterates (normalised float images, labels) batches over in-memory uint8 images.
+    """Iterates (normalised float images, labels, share) batches over in-memory uint8 images;
+    `share` is this process's fraction of the global batch (1 without torchrun).
 
     With `train`, each epoch is a fresh permutation plus random crop and flip, drawn from a
     generator seeded by (seed, epoch): an epoch's batches depend only on its number, so a
     resumed run sees the same data as an uninterrupted one. Under torchrun every process draws
-    the same global batch and keeps its own slice of it."""
+    the same global batch and keeps its own slice of it. Batches come in the memory layout the
+    step computes in (channels_last or NCHW), so none is converted twice."""
 
-    def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32):
+    def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32,
+                 channels_last=False):
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
-        self.dtype = dtype
+        self.dtype, self.channels_last = dtype, channels_last
         dev = images.device
         self.mean = torch.tensor(MEAN, device=dev, dtype=dtype).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=dev, dtype=dtype).view(1, 3, 1, 1)
@@ -167,6 +219,7 @@ class Loader:
         gen.manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(n, generator=gen, device=self.images.device) if self.train else None
         skip, self.skip = self.skip, 0
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
             x = self.images[idx]
@@ -174,5 +227,8 @@ class Loader:
                 x = random_crop_flip(x, self.pad, gen)  # drawn even when skipped: keeps gen in step
             if b < skip:
                 continue
+            share = distributed.share(len(x))
             x, y = distributed.shard(x), distributed.shard(self.labels[idx])
-            yield (x.to(self.dtype) - self.mean) / self.std, y
+            # The crop's gather leaves the batch NHWC in memory; the reference path computes NCHW.
+            x = x.contiguous(memory_format=layout)
+            yield (x.to(self.dtype) - self.mean) / self.std, y, share

@@ -10,7 +10,8 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn  # all_reduce with autograd
+
+from errors import UserError
 
 
 def launched_by_torchrun():
@@ -20,7 +21,12 @@ def launched_by_torchrun():
 def init(cuda):
     """Joins the process group torchrun describes; returns this process's device."""
     if cuda:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        local_rank, visible = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UserError(f'torchrun started process {local_rank} on this node but only {visible} '
+                            f'GPU(s) are visible; use --nproc_per_node {visible} (one process per GPU), '
+                            f'or CUDA_VISIBLE_DEVICES= to train on CPUs with gloo')
+        device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device('cpu')
@@ -61,13 +67,40 @@ def shard(batch):
     return batch.tensor_split(world_size())[rank()]
 
 
+def share(n_global):
+    """This process's fraction of a global batch of n_global samples, as `shard` splits it. A
+    host number: weighting by it costs no communication and no device sync."""
+    if not active():
+        return 1.0
+    n, w = divmod(n_global, world_size())
+    return (n + (rank() < w)) / n_global
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the incoming gradients too: each process's input
+    feeds every process's output, and each process's loss is already weighted by its share."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5):
     """Training-mode batch norm with mean and variance taken over the global batch: the sums are
     all-reduced (with autograd, so gradients see the global statistics too)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     C = x.shape[1]
-    count = xf.new_tensor([xf.numel() / C])
-    stats = dist_fn.all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+    # A fill, not a copy from host memory: building the count costs no device sync.
+    count = xf.new_full((1,), xf.numel() / C)
+    stats = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
     n = stats[-1]
     mean = stats[:C] / n
     var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)
@@ -79,15 +112,14 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, ep
     return y.to(x.dtype)
 
 
-def reduce_gradients_(params, n_local):
-    """Turns each process's mean-over-its-shard gradient into the gradient of the mean over the
-    global batch: one all-reduce of all gradients weighted by shard size, plus the sizes."""
+def reduce_gradients_(params):
+    """Sums the processes' gradients in one all-reduce. Each process's loss was weighted by its
+    `share` of the global batch, so the sum is the gradient of the global batch's mean loss."""
     if not active():
         return
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([1.0])]) * n_local
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat = flat[:-1] / flat[-1]
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -105,6 +137,17 @@ def any_rank(flag):
     t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def first_failure(first, finite):
+    """(earliest step at which any process saw a non-finite loss term or -1, whether each term
+    was finite on every process): one small all-reduce."""
+    if not active():
+        return first, finite
+    never = torch.iinfo(torch.int64).max
+    t = torch.cat([torch.where(first < 0, never, first).view(1), finite.long()])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return torch.where(t[0] == never, -1, t[0]), t[1:].bool()
 
 
 def all_reduce_sum(t):

@@ -10,12 +10,14 @@ Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017, s
 import argparse
 
 import distributed
+from cohort import start_runs
+from devices import uses_channels_last
 from errors import UserError, reports_user_errors
-from imagenet_data import ImageFolderLoader
-from resnet import IMAGENET_BLOCKS, define_student, define_teacher
-from training import add_transfer_and_run_arguments, speed_settings, start_run, join_networks, train
-from transfer import check_transfer_options
-from utils import cast, print_tensor_dict, DTYPES
+from imagenet_data import ImageFolderLoader, check_image_folders
+from options import IMAGENET_RULES, add_common_arguments, check_options, check_paths
+from resnet import define_student, define_teacher
+from training import build_members, train
+from utils import print_tensor_dict, DTYPES
 
 
 def parse_args(argv=None):
@@ -36,18 +38,11 @@ def parse_args(argv=None):
     p.add_argument('--weight_decay', default=1e-4, type=float)
     p.add_argument('--epoch_step', default='[30,60,90]', type=str, help='json list with epochs to drop lr on')
     p.add_argument('--lr_decay_ratio', default=0.1, type=float)
-    p.add_argument('--resume', default='', type=str, help='model.pt7 to continue from')
-    add_transfer_and_run_arguments(p)
+    p.add_argument('--resume', default='', type=str,
+                   help="model.pt7 to continue from (a cohort: the cohort's --save directory)")
+    add_common_arguments(p)
     opt = p.parse_args(argv)
-    if not opt.imagenetpath:
-        raise UserError('--imagenetpath is required: a folder with train/<class>/ and val/<class>/ images')
-    if opt.depth not in IMAGENET_BLOCKS:
-        raise UserError(f'--depth {opt.depth} is not an ImageNet ResNet here; use 18 or 34')
-    if opt.width <= 0 or int(64 * opt.width) < 1:
-        raise UserError(f'--width {opt.width} gives no channels; use a positive width such as 1')
-    if opt.batch_size < 1 or opt.epochs < 1 or opt.nthread < 0:
-        raise UserError('--batch_size and --epochs must be at least 1, --nthread at least 0')
-    check_transfer_options(opt, bool(opt.teacher_params), '--teacher_params')
+    check_options(opt, IMAGENET_RULES, 'teacher_params')
     return opt
 
 
@@ -62,30 +57,26 @@ def load_teacher(path, num_classes):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    device = start_run(opt)
+    check_paths(opt)
+    check_image_folders(opt.imagenetpath)  # lists folders only: nothing is decoded yet
+    device, runs = start_runs(opt, IMAGENET_RULES, 'teacher_params')
 
     # The loader builds batches in the layout the step computes in, so none is converted twice.
-    layout = dict(device=device, dtype=DTYPES[opt.dtype],
-                  channels_last=speed_settings(opt, device, opt.epochs).channels_last)
+    layout = dict(device=device, dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt))
     train_loader = ImageFolderLoader(f'{opt.imagenetpath}/train', opt.batch_size, train=True,
-                                     seed=opt.seed, nthread=opt.nthread, **layout)
+                                     seed=opt.data_seed, nthread=opt.nthread, **layout)
     test_loader = ImageFolderLoader(f'{opt.imagenetpath}/val', opt.batch_size, train=False,
                                     nthread=opt.nthread, **layout)
-    if test_loader.classes != train_loader.classes:
-        raise UserError(f'{opt.imagenetpath}/train and {opt.imagenetpath}/val have different class '
-                        f'folders; both need the same ones')
     num_classes = len(train_loader.classes)
 
-    f_s, params_s = define_student(opt.depth, opt.width, num_classes)
-    n_parameters = sum(p.numel() for p in params_s.values())
     teacher = load_teacher(opt.teacher_params, num_classes) if opt.teacher_params else None
-    transfer, params = join_networks(opt, f_s, params_s, teacher, image_size=224)
-    params = cast(params, opt.dtype, device)
+    members = build_members(runs, lambda: define_student(opt.depth, opt.width, num_classes), teacher,
+                            image_size=224, device=device, channels_last=layout['channels_last'])
     if distributed.is_main():
-        print_tensor_dict(params, n_parameters)
+        print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
-    train(opt, transfer, params, train_loader, test_loader, n_parameters=n_parameters,
-          num_classes=num_classes, device=device, topk=min(5, num_classes))
+    train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device,
+          topk=min(5, num_classes))
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import distributed
-from data import IMAGE_EXTENSIONS
+from data import check_same_classes, list_image_tree
 from errors import UserError
 
 # Per-channel statistics of the ImageNet training set on the 0..255 scale (torchvision's).
@@ -33,17 +33,15 @@ def list_image_folder(root):
     ImageFolder numbers them, so its checkpoints' outputs mean the same classes."""
     if not os.path.isdir(root):
         raise UserError(f'{root} does not exist; --imagenetpath should hold train/<class>/ and val/<class>/')
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    paths, labels = [], []
-    for label, c in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(os.path.join(root, c))
-                       if e.name.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(root, c, n) for n in names]
-        labels += [label] * len(names)
-    if not paths:
-        raise UserError(f'no images found under {root}/<class>/; expected JPEG or PNG files in one '
-                        f'folder per class')
-    return paths, labels, classes
+    return list_image_tree(root)
+
+
+def check_image_folders(imagenetpath):
+    """Refuses, from folder listings alone (no image is opened), folders that would train on
+    wrong labels: train/ and val/ with different class folders, or a class folder without
+    images."""
+    train, val = os.path.join(imagenetpath, 'train'), os.path.join(imagenetpath, 'val')
+    check_same_classes(train, list_image_folder(train)[2], val, list_image_folder(val)[2])
 
 
 def random_resized_crop_box(width, height, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -153,12 +151,15 @@ class ImageFolderLoader:
         return len(self.batches)
 
     def __iter__(self):
+        """(x, y, share) batches; `share` is this process's fraction of the global batch."""
+        n, skip = self.order.n, self.order.skip  # read before iterating resets skip
         try:
-            for x, y in self.batches:
+            for b, (x, y) in enumerate(self.batches, skip):
+                share = distributed.share(min(self.batch_size, n - b * self.batch_size))
                 x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC is channels_last NCHW
                 if not self.channels_last:
                     x = x.contiguous()
-                yield (x.to(self.dtype) - self.mean) / self.std, y.to(self.device, non_blocking=True)
+                yield (x.to(self.dtype) - self.mean) / self.std, y.to(self.device, non_blocking=True), share
         except UserError as e:
             # A worker's error arrives wrapped with its traceback; keep the one line for the user.
             raise UserError(str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]) from None

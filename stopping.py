@@ -58,10 +58,15 @@ class NonFiniteWatch:
         self.finite = torch.where(new, finite, self.finite)
 
     def check(self, epoch_length, last_checkpoint):
-        first = int(self.first)
+        if self.finite is None:
+            return
+        # Under torchrun every process must stop at the same point, or the others would wait in
+        # their next collective until it times out.
+        first, finite = distributed.first_failure(self.first, self.finite)
+        first = int(first)
         if first < 0:
             return
-        bad = [n for n, ok in zip(self.names, self.finite.tolist()) if not ok]
+        bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
         epoch, step = (first - 1) // epoch_length + 1, (first - 1) % epoch_length + 1
         kept = f'the last good checkpoint is {last_checkpoint}' if last_checkpoint else 'no checkpoint was written yet'
         raise RunStopped(f'training diverged at epoch {epoch}, step {step}: loss term '

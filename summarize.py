@@ -4,7 +4,7 @@
     python summarize.py logs --plot test_error.png     # every run under logs/, plus curves
 
 Runs that differ only in --seed, --save and other options that do not change what is learned
-(paths, threads, devices) form one configuration; its row gives the median and min-max range
+(paths, threads, devices, the cohort a run was trained in) form one configuration; its row gives the median and min-max range
 of the final test error over those runs, as the paper reports medians over seeds. Reads the
 log.txt of this code and of the original code (CIFAR and ImageNet), and of runs still going.
 """
@@ -19,15 +19,18 @@ from checkpoint import LOG, LOG_PREFIX
 from errors import UserError, reports_user_errors
 
 # Options that say where or how fast a run ran, not what it learned.
-NOT_CONFIGURATION = {'seed', 'save', 'resume', 'dataroot', 'data_root', 'imagenetpath', 'nthread',
-                     'gpu_id', 'ngpu', 'cuda', 'compile'}
+NOT_CONFIGURATION = {'seed', 'data_seed', 'save', 'resume', 'cohort', 'dataroot', 'data_root',
+                     'imagenetpath', 'nthread', 'gpu_id', 'ngpu', 'cuda', 'compile', 'compile_mode',
+                     'deterministic'}
 # Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
 PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_parameters',
-             'train_time', 'test_time', 'at_losses', 'loss_weights'}
+             'train_time', 'test_time', 'at_losses', 'loss_weights', 'gpu_memory_mib'}
 # Transfer options at these values change nothing: runs logged before the options existed, and
 # runs that leave them alone, are one configuration.
 NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_beta': 0,
            'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0}
+# The weights of the terms that compare the student with its teacher.
+TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta')
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
 # The original code spelled these options differently; its runs group with ours.
 ORIGINAL_NAMES = {'batchSize': 'batch_size', 'weightDecay': 'weight_decay'}
@@ -92,11 +95,18 @@ def top1(acc):
     return acc[0] if isinstance(acc, list) else acc
 
 
+def learns_from_teacher(o):
+    """Whether a run's loss uses its teacher: a cohort's 'student alone' member has one, but all
+    of its transfer weights are 0, so it learns what a run without a teacher learns."""
+    return any(isinstance(o.get(k), (int, float)) and o[k] for k in TEACHER_WEIGHTS)
+
+
 def configuration(record):
     options = {ORIGINAL_NAMES.get(k, k): v for k, v in record.items()
                if k not in NOT_CONFIGURATION and k not in PER_EPOCH
                and not k.startswith(('train_', 'test_')) and not k.endswith(('_loss', '_losses'))
-               and not (k in NEUTRAL and v == NEUTRAL[k])}
+               and not (k in NEUTRAL and v == NEUTRAL[k])
+               and not (k in ('teacher_id', 'teacher_params', 'temperature') and not learns_from_teacher(record))}
     return json.dumps(options, sort_keys=True)
 
 
@@ -116,6 +126,8 @@ def student_name(o):
 
 
 def teacher_name(o):
+    if not learns_from_teacher(o):
+        return '-'
     if o.get('teacher_id'):
         return o['teacher_id']
     if o.get('teacher_params'):

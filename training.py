@@ -1,28 +1,34 @@
 """The training loop shared by cifar.py and imagenet.py, on an ignite Engine.
 
-One epoch: set the learning rate for the epoch, run the training steps (meters accumulate on
-the device), evaluate on the test set, write the checkpoint, then append the epoch's line to
-log.txt. The log line comes after the checkpoint, so a log line always has its checkpoint.
-Under torchrun each process trains on its slice of every batch (distributed.py) and only rank 0
-prints and writes.
+A command trains one run or a cohort of runs (cohort.py) in lock-step; each run is a `Member`
+with its own options, student, optimizer, meters and directory, and all of them share the
+batches and one teacher forward per batch. A single run is a cohort of one.
+
+One epoch: set the learning rate and loss weights for the epoch, run the training steps
+(meters accumulate on the device), evaluate on the test set, then, for each run, write the
+checkpoint and append the epoch's line to its log.txt. The log line comes after the
+checkpoint, so a log line always has its checkpoint. Under torchrun each process trains on its
+slice of every batch (distributed.py) and only rank 0 prints and writes.
 """
 import os
-import random
+import sys
 import time
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 
 import distributed
-from checkpoint import CHECKPOINT, LOG, save_checkpoint, load_checkpoint, copy_params_, \
+from checkpoint import CHECKPOINT, save_checkpoint, load_checkpoint, copy_params_, \
     load_optimizer_state, append_log, rng_state, set_rng_state
-from errors import UserError, RunStopped
+from cohort import seed_generators
+from devices import speed_settings, uses_channels_last
+from errors import RunStopped
+from options import epoch_steps
 from stopping import SignalStop, NonFiniteWatch
-from transfer import Transfer, add_transfer_loss_arguments, double_backward, kind, step_schedule
+from transfer import Transfer, double_backward, kind, step_schedule
+from utils import cast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +62,7 @@ class MeanStd(Metric):
     Under torchrun each process's value is weighted by its share of the batch and summed, which
     gives the value of the whole batch."""
 
-    def __init__(self, output_transform, device='cpu'):
+    def __init__(self, output_transform=lambda o: o, device='cpu'):
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self):
@@ -77,177 +83,244 @@ class MeanStd(Metric):
         return [v.mean().item(), std]
 
 
-def attach_meters(engine, term_names, topk, device):
-    """Attaches loss, accuracy and one meter per loss term; returns the loss meter."""
-    loss = MeanStd(lambda o: (o['loss'], o['share']), device)
-    loss.attach(engine, 'loss')
-    Accuracy(lambda o: (o['y_pred'], o['y']), device=device).attach(engine, 'top1')
-    if topk > 1:
-        TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']), device=device).attach(engine, f'top{topk}')
-    for name in term_names:
-        MeanStd(lambda o, name=name: (o['terms'][name], o['share']), device).attach(engine, 'term:' + name)
-    return loss
+class Meters:
+    """One run's meters over an epoch: loss, accuracy (top-1, and top-k for ImageNet) and one
+    MeanStd per loss term, fed from the step's output for that run."""
+
+    def __init__(self, term_names, topk, device):
+        self.metrics = {'loss': MeanStd(lambda o: (o['loss'], o['share']), device),
+                        'top1': Accuracy(lambda o: (o['y_pred'], o['y']), device=device)}
+        if topk > 1:
+            self.metrics[f'top{topk}'] = TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']),
+                                                                 device=device)
+        for name in term_names:
+            self.metrics['term:' + name] = MeanStd(lambda o, name=name: (o['terms'][name], o['share']), device)
+
+    def reset(self):
+        for m in self.metrics.values():
+            m.reset()
+
+    def update(self, output):
+        for m in self.metrics.values():
+            m.update(m._output_transform(output))
+
+    def compute(self):
+        return {name: m.compute() for name, m in self.metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# Fast path and reference path: the same step, different switches
+# The runs
 
-def cpu_has_bf16():
-    """oneDNN runs bf16 convolutions fast only on CPUs with AVX512-BF16 or AMX units; elsewhere
-    it emulates them, slower than fp32."""
-    check = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
-    return bool(check and check())
+class Member:
+    """One run: its options (its own directory, seed and loss options), student (and the shared
+    teacher) in one parameter dict, optimizer, meters and divergence watch."""
+
+    def __init__(self, opt, transfer, params, n_parameters):
+        self.opt, self.transfer, self.params, self.n_parameters = opt, transfer, params, n_parameters
+        self.name = os.path.basename(opt.save) if opt.cohort else opt.save
+        self.trainable = [v for v in params.values() if v.requires_grad]
+        self.stopped = None  # why the run stopped early, once it has
+        self.evaluating = False
+
+    def start(self, fused, epoch_length, topk, device):
+        """Optimizer, meters and, when resuming, the checkpoint's state. Returns the iteration
+        after which this run trains (0 for a new run)."""
+        self.optimizer = torch.optim.SGD(self.trainable, self.opt.lr, momentum=0.9,
+                                         weight_decay=self.opt.weight_decay, fused=fused or None)
+        self.train_meters = Meters(self.transfer.term_names(), topk, device)
+        self.eval_meters = Meters([], topk, device)
+        self.watch = NonFiniteWatch(device)
+        self.weights = {}  # of each kind of loss term, set at the start of each epoch
+        self.start_iteration = 0
+        if self.opt.resume:
+            state = load_checkpoint(self.opt.resume)
+            restore(state, self.params, self.optimizer, fused, self.opt.resume)
+            # A run stopped mid-epoch resumes at the step after the last one it took.
+            self.start_iteration = max(state.get('iteration') or 0, state['epoch'] * epoch_length)
+        return self.start_iteration
+
+    def trains_at(self, iteration):
+        """Whether this run takes step `iteration`: not before the step it resumes after (runs of
+        a cohort may have been stopped at different steps), not after it stopped."""
+        return self.stopped is None and self.start_iteration < iteration
+
+    def weighted_sum(self, terms):
+        # Terms of weight 0 (AT while only distilling, say) are logged but not differentiated.
+        return sum(self.weights[kind(n)] * v for n, v in terms.items() if self.weights[kind(n)])
+
+    @property
+    def checkpoint(self):
+        return os.path.join(self.opt.save, CHECKPOINT)
 
 
-def speed_settings(opt, device, epochs_to_run):
-    """bf16 autocast and channels_last where the hardware is fast at them, a fused optimizer, and
-    torch.compile for runs long enough to win back its start-up cost. --reference turns all of it
-    off: fp32, NCHW, plain SGD, the original's arithmetic."""
-    fast = not opt.reference and opt.dtype == 'float'
-    bf16 = fast and (torch.cuda.is_bf16_supported() if device.type == 'cuda' else cpu_has_bf16())
-    # Compiling takes about a minute per graph on a 2-core CPU (train, eval, and each partial
-    # last batch are separate graphs) and saves about 30% of every step after that.
-    # Gradient-based terms differentiate twice, which compiled graphs do not support.
-    compile = fast and not double_backward(opt) and \
-        (opt.compile == 'on' or (opt.compile == 'auto' and epochs_to_run >= 10))
-    return SimpleNamespace(autocast=bf16, channels_last=fast, fused=fast, compile=compile,
-                           device_type=device.type)
+def build_members(runs, make_student, teacher, *, image_size, device, channels_last):
+    """A Member for each run's options: its student initialised from its own seed exactly as a
+    single run with that seed is (auxiliary parameters included), all of them sharing one copy
+    of the teacher on the device."""
+    dtype = runs[0].dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def place(v):
+        v = cast(v, dtype, device)
+        return v.detach().contiguous(memory_format=layout).requires_grad_(v.requires_grad) if v.dim() == 4 else v
+
+    shared = {'teacher.' + k: place(v) for k, v in teacher[1].items()} if teacher else {}
+    members = []
+    for run in runs:
+        seed_generators(run.seed)
+        f_s, params_s = make_student()
+        n_parameters = sum(p.numel() for p in params_s.values())
+        transfer, params = join_networks(run, f_s, params_s, teacher, image_size)
+        members.append(Member(run, transfer, {k: shared[k] if k in shared else place(v)
+                                              for k, v in params.items()}, n_parameters))
+    return members
 
 
-def to_channels_last_(params):
-    for k, v in params.items():
-        if v.dim() == 4:
-            params[k] = v.detach().contiguous(memory_format=torch.channels_last).requires_grad_(v.requires_grad)
+def restore(state, params, optimizer, fused, source):
+    """Parameters, optimizer and random generators from a checkpoint (ours or the reference
+    code's, which has no generator state)."""
+    copy_params_(params, state['params'], source)
+    if state['optimizer'] is not None:
+        load_optimizer_state(optimizer, state['optimizer'], source)
+        for group in optimizer.param_groups:  # the file's choice of kernel is not ours
+            group.update(fused=fused or None, foreach=None)
+            for p in group['params']:
+                # A buffer saved from an NCHW run (--reference, the original code) must take its
+                # channels_last parameter's layout: the fused kernel walks both in memory order.
+                s = optimizer.state.get(p, {})
+                if s.get('momentum_buffer') is not None:
+                    s['momentum_buffer'] = torch.empty_like(p).copy_(s['momentum_buffer'])
+    if state.get('rng'):
+        set_rng_state(state['rng'])
 
 
 # ----------------------------------------------------------------------------------------------
-# Run set-up shared by the scripts
+# The steps
 
-def add_transfer_and_run_arguments(p):
-    """The flags cifar.py and imagenet.py share, with the reference code's defaults."""
-    p.add_argument('--temperature', default=4, type=float)
-    p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
-    p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
-    add_transfer_loss_arguments(p)
-    p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
-    # Speed
-    p.add_argument('--reference', action='store_true',
-                   help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
-                        'channels_last where the hardware is fast at them)')
-    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
-                   help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
-    # Device options
-    p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
-    p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')
-    p.add_argument('--ngpu', default=1, type=int, help='number of GPUs to use for training')
-    p.add_argument('--gpu_id', default='0', type=str, help='id(s) for CUDA_VISIBLE_DEVICES')
+def make_steps(members, speed):
+    """The training and evaluation steps over all runs: the teacher's forward once per batch,
+    then each run's forward (fp32, or bf16 under autocast when training; compiled or not)
+    giving its loss terms, their weighted sum, and outputs for its meters. Nothing here reads a
+    value back to the host."""
+    first = members[0].transfer
+    teacher_gradient = any(m.opt.grad_beta for m in members)
 
+    def autocast(mode):
+        # Evaluation stays in fp32: the reported test accuracy should not depend on the hardware.
+        return torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast and mode)
 
-def choose_device(opt):
-    """The GPU when there is one, else the CPU; under torchrun, this process's GPU (or the CPU
-    with gloo) after joining the process group."""
-    if distributed.launched_by_torchrun():
-        if opt.ngpu > 1:
-            raise UserError('--ngpu splits batches over GPUs inside one process; under torchrun '
-                            'use one process per GPU (--nproc_per_node) and --ngpu 1')
-        return distributed.init(cuda=torch.cuda.is_available())
-    os.environ.setdefault('CUDA_VISIBLE_DEVICES', str(opt.gpu_id))
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if opt.cuda:
-        raise UserError('--cuda was given but no CUDA device is visible; drop --cuda to train on the CPU')
-    if opt.ngpu > 1:
-        raise UserError(f'--ngpu {opt.ngpu} needs CUDA devices and none is visible; use --ngpu 1')
-    return torch.device('cpu')
+    def teacher_forward(params, x, y, mode):
+        with autocast(mode):
+            return first.teacher_outputs(x, y, params, mode and teacher_gradient)
 
+    def compiled(f, can):
+        return torch.compile(f, dynamic=False, mode=speed.compile_mode) if speed.compile and can else f
 
-def seed_everything(opt):
-    """Uses --seed, or draws one and writes it into the options so the log records it."""
-    if opt.seed is None:
-        opt.seed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31))
-    random.seed(opt.seed)
-    np.random.seed(opt.seed)
-    torch.manual_seed(opt.seed)
+    teacher_forward = compiled(teacher_forward, not teacher_gradient) if first.f_t else None
+    # Runs with the same loss options share one compiled function (params are its argument).
+    forwards = {}
+    for m in members:
+        key = forward_options(m.opt)
+        if key not in forwards:
+            forwards[key] = compiled(student_forward(m.transfer, autocast), not double_backward(m.opt))
+        m.forward = forwards[key]
+    if speed.compile:
+        # Each distinct set of loss options compiles its own train and eval graphs (and those
+        # of a partial last batch).
+        torch._dynamo.config.cache_size_limit = max(8, 4 * len(forwards) + 2)
 
+    def layout(x):
+        return x.contiguous(memory_format=torch.channels_last) if speed.channels_last else x
 
-def check_run_dir(opt):
-    """--save names a new run, or the run being resumed: never append to another run's log."""
-    if not opt.save:
-        raise UserError('--save is required: name a directory for the log and checkpoint, '
-                        'e.g. --save logs/wrn16-1')
-    existing = [n for n in (LOG, CHECKPOINT) if os.path.exists(os.path.join(opt.save, n))]
-    if existing and not opt.resume:
-        raise UserError(f'{opt.save} already holds a run ({", ".join(existing)}); pass '
-                        f'--resume {os.path.join(opt.save, CHECKPOINT)} to continue it or choose '
-                        f'another --save')
-    if opt.resume:
-        load_checkpoint(opt.resume)  # fail now, before anything is created, if it is unreadable
+    def train_step(engine, batch):
+        x, y, share = batch  # share: this process's fraction of the global batch (1 without torchrun)
+        x = layout(x)
+        active = [m for m in members if m.trains_at(engine.state.iteration)]
+        teacher = teacher_forward(active[0].params, x, y, True) if teacher_forward else None
+        outputs = {}
+        for m in active:
+            y_s, terms = m.forward(m.params, x, y, True, teacher)
+            loss = m.weighted_sum(terms)
+            m.optimizer.zero_grad(set_to_none=True)
+            (loss * share if share != 1 else loss).backward()
+            m.watch.update(engine.state.iteration, terms)
+            # No .item() here: meters keep device tensors and are read once per epoch.
+            outputs[m] = {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share,
+                          'terms': {n: v.detach() for n, v in terms.items()}}
+        distributed.reduce_gradients_([p for m in active for p in m.trainable])  # one all-reduce
+        for m in active:
+            m.optimizer.step()
+        return outputs
 
+    @torch.no_grad()
+    def eval_step(engine, batch):
+        x, y, share = batch
+        x = layout(x)
+        runs = [m for m in members if m.evaluating]
+        teacher = teacher_forward(runs[0].params, x, y, False) if teacher_forward else None
+        outputs = {}
+        for m in runs:
+            y_s, terms = m.forward(m.params, x, y, False, teacher)
+            outputs[m] = {'loss': m.weighted_sum(terms), 'y_pred': y_s, 'y': y, 'share': share}
+        return outputs
 
-def start_run(opt):
-    """What every run does before it loads data: report its options, refuse bad ones before
-    anything is written, join torchrun's processes, seed. Returns the device to train on."""
-    if distributed.is_main():
-        print('parsed options:', vars(opt))
-    parse_epoch_step(opt.epoch_step)
-    check_run_dir(opt)
-    device = choose_device(opt)
-    seed_everything(opt)
-    return device
+    return train_step, eval_step
 
 
-def parse_epoch_step(text):
-    import json
-    try:
-        steps = json.loads(text)
-        assert isinstance(steps, list) and all(isinstance(s, int) for s in steps)
-    except (ValueError, AssertionError):
-        raise UserError(f'--epoch_step {text!r} is not a JSON list of epochs, e.g. "[60,120,160]"') from None
-    return steps
+def forward_options(opt):
+    """What a run's forward reads of its options: the values that enter the terms, and which of
+    the weighted methods are on (their weights are applied outside the forward)."""
+    return (opt.alpha, opt.temperature, opt.at_p, opt.at_form,
+            *(bool(getattr(opt, k)) for k in ('grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta',
+                                              'cos_beta', 'aux_weight')))
+
+
+def student_forward(transfer, autocast):
+    def forward(params, x, y, mode, teacher):
+        with autocast(mode):
+            return transfer(x, y, params, mode, teacher)
+    return forward
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def train(opt, transfer, params, train_loader, test_loader, *, n_parameters, num_classes, device,
-          topk=1):
-    """Trains params['student.*'] (or all trainable params) with SGD, evaluating, logging and
-    checkpointing after every epoch; resumes from --resume if given."""
-    epoch_step = parse_epoch_step(opt.epoch_step)
-    state = load_checkpoint(opt.resume) if opt.resume else None
-    start_epoch = state['epoch'] if state else 0
-    # A run stopped mid-epoch resumes at the step after the last one it took.
-    start_iteration = (state.get('iteration') or 0) if state else 0
-    start_iteration = max(start_iteration, start_epoch * len(train_loader))
-    speed = speed_settings(opt, device, opt.epochs - start_epoch)
-    if speed.channels_last:
-        to_channels_last_(params)
-    trainable = [v for v in params.values() if v.requires_grad]
-    optimizer = torch.optim.SGD(trainable, opt.lr, momentum=0.9, weight_decay=opt.weight_decay,
-                                fused=speed.fused or None)
-    if state:
-        restore(state, params, optimizer, speed, opt.resume)
-    if start_epoch >= opt.epochs:
-        print(f'{opt.resume} has already trained {start_epoch} of {opt.epochs} epochs; nothing to do')
+def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=1):
+    """Trains every member's student with SGD on the same batches, evaluating, checkpointing
+    and logging each after every epoch; members resume from their checkpoints."""
+    epoch_step = epoch_steps(opt.epoch_step)
+    n = len(train_loader)
+    fused = uses_channels_last(opt)
+    start = min(m.start(fused, n, topk, device) for m in members)
+    for m in members:
+        if m.start_iteration >= opt.epochs * n:
+            print(f'{m.opt.resume} has already trained {m.start_iteration // n} of {opt.epochs} epochs; nothing to do')
+    if start >= opt.epochs * n:
         return
+    speed = speed_settings(opt, device, opt.epochs - start // n)
     main = distributed.is_main()
     if main:
-        os.makedirs(opt.save, exist_ok=True)
-    checkpoint_path = os.path.join(opt.save, CHECKPOINT)
-    watch = NonFiniteWatch(device)
-
-    weights = {}  # of each kind of loss term, set at the start of each epoch
-    train_step, eval_step = make_steps(opt, transfer, params, optimizer, weights, speed, watch, device)
-
+        for m in members:
+            os.makedirs(m.opt.save, exist_ok=True)
+    train_step, eval_step = make_steps(members, speed)
     trainer, evaluator = Engine(train_step), Engine(eval_step)
     for engine in (trainer, evaluator):
         engine.logger.disabled = True  # it would repeat every exception's message before we report it
-    train_loss = attach_meters(trainer, transfer.term_names(), topk, device)
-    attach_meters(evaluator, [], topk, device)
+
+    def update_meters(meters):
+        def update(engine):
+            for m, output in engine.state.output.items():
+                getattr(m, meters).update(output)
+        return update
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, update_meters('train_meters'))
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, update_meters('eval_meters'))
     if main:
-        # The bar reads the epoch's mean loss every few steps only: each read is a host sync.
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda _: {'loss': train_loss.running_mean()},
-                                          event_name=Events.ITERATION_COMPLETED(every=10))
+        # The bar reads one run's mean loss every few steps only: each read is a host sync.
+        ProgressBar(persist=False).attach(
+            trainer, event_name=Events.ITERATION_COMPLETED(every=10),
+            output_transform=lambda _: {'loss': next((m.train_meters.metrics['loss'].running_mean()
+                                                      for m in members if not m.stopped), float('nan'))})
 
     def synchronized_time():
         if device.type == 'cuda':
@@ -255,21 +328,42 @@ def train(opt, transfer, params, train_loader, test_loader, *, n_parameters, num
         return time.perf_counter()
 
     @trainer.on(Events.EPOCH_STARTED)
-    def set_learning_rate(engine):
+    def start_epoch(engine):
         engine.state.epoch_start = synchronized_time()
-        epoch = engine.state.epoch
-        for group in optimizer.param_groups:
-            group['lr'] = learning_rate(opt, epoch, epoch_step)
-        weights.update(transfer.weights(epoch, epoch_step))
-        if epoch in epoch_step and engine.state.iteration % len(train_loader) == 0:
-            # The reference code builds a new optimizer at each step, so momentum restarts.
-            optimizer.state.clear()
-        train_loader.set_epoch(epoch, skip=engine.state.iteration % len(train_loader))
+        epoch, iteration = engine.state.epoch, engine.state.iteration
+        for m in members:
+            for group in m.optimizer.param_groups:
+                group['lr'] = learning_rate(opt, epoch, epoch_step)
+            m.weights.update(m.transfer.weights(epoch, epoch_step))
+            if epoch in epoch_step and iteration % n == 0 and m.start_iteration <= iteration:
+                # The reference code builds a new optimizer at each step, so momentum restarts.
+                m.optimizer.state.clear()
+            m.train_meters.reset()
+        train_loader.set_epoch(epoch, skip=iteration % n)
 
-    def save(engine, epochs_done):
+    def save(engine, m, epochs_done):
         if main:
-            save_checkpoint(opt.save, params, optimizer, epochs_done, iteration=engine.state.iteration,
-                            rng=rng_state(), lr=optimizer.param_groups[0]['lr'], options=vars(opt))
+            save_checkpoint(m.opt.save, m.params, m.optimizer, epochs_done, iteration=engine.state.iteration,
+                            rng=rng_state(), lr=m.optimizer.param_groups[0]['lr'], options=vars(m.opt))
+
+    def check_divergence(engine):
+        """Stops each run whose loss is no longer finite at its last good checkpoint; the others
+        go on. A single run stops the command."""
+        for m in members:
+            if not m.trains_at(engine.state.iteration):
+                continue
+            try:
+                last_good = m.checkpoint if engine.state.epoch > 1 or m.start_iteration else None
+                m.watch.check(n, last_good)
+            except RunStopped as e:
+                if len(members) == 1:
+                    raise
+                m.stopped = f'{m.name}: {e}'
+                if main:
+                    print(f'{os.path.basename(sys.argv[0])}: cohort member {m.stopped}', file=sys.stderr, flush=True)
+        if all(m.stopped for m in members):
+            raise RunStopped(f'every member of the cohort {opt.save} stopped: '
+                             + '; '.join(m.stopped for m in members), exit_code=1)
 
     def stop(engine):
         engine.state.stopped_by = signals.name()
@@ -277,110 +371,75 @@ def train(opt, transfer, params, train_loader, test_loader, *, n_parameters, num
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def stop_if_asked_or_diverged(engine):
-        if engine.state.iteration % 10 == 0:
-            watch.check(len(train_loader), last_good(engine))
-        # At an epoch's last step, stop after its evaluation and log line instead (below).
-        if engine.state.iteration % len(train_loader) and signals.requested(engine.state.iteration):
-            watch.check(len(train_loader), last_good(engine))
-            save(engine, engine.state.epoch - 1)
+        iteration = engine.state.iteration
+        if iteration % 10 == 0:
+            check_divergence(engine)
+        # At an epoch's last step, stop after its evaluation and log lines instead (below).
+        if iteration % n and signals.requested(iteration):
+            check_divergence(engine)
+            for m in members:
+                if m.trains_at(iteration):
+                    save(engine, m, engine.state.epoch - 1)
             stop(engine)
-
-    def last_good(engine):
-        return checkpoint_path if engine.state.epoch > 1 or start_epoch else None
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def evaluate_and_log(engine):
         train_time = synchronized_time() - engine.state.epoch_start
-        watch.check(len(train_loader), last_good(engine))
+        check_divergence(engine)
+        runs = [m for m in members if m.trains_at(engine.state.iteration)]
         test_start = time.perf_counter()
-        test_state = evaluator.run(test_loader)
-        stats = epoch_record(engine, test_state, transfer.term_names(), topk, train_time,
-                             synchronized_time() - test_start)
-        stats.update(num_classes=num_classes, n_parameters=n_parameters, loss_weights=dict(weights))
-        save(engine, engine.state.epoch)
-        if main:
-            append_log(opt.save, {**vars(opt), **stats})
-            print(f'==> id: {opt.save} ({engine.state.epoch}/{opt.epochs}), '
-                  f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
-                  f'time: {train_time:.1f}s + {stats["test_time"]:.1f}s', flush=True)
+        for m in members:
+            m.evaluating = m in runs
+            m.eval_meters.reset()
+        evaluator.run(test_loader)
+        test_time = synchronized_time() - test_start
+        for m in runs:
+            stats = epoch_record(m, engine.state.epoch, topk, train_time, test_time)
+            stats.update(num_classes=num_classes, n_parameters=m.n_parameters, loss_weights=dict(m.weights))
+            if device.type == 'cuda':
+                stats['gpu_memory_mib'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            save(engine, m, engine.state.epoch)
+            if main:
+                append_log(m.opt.save, {**vars(m.opt), **stats})
+                print(f'==> id: {m.opt.save} ({engine.state.epoch}/{opt.epochs}), '
+                      f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
+                      f'time: {train_time:.1f}s + {test_time:.1f}s', flush=True)
         if engine.state.epoch < opt.epochs and signals.requested():
             stop(engine)
 
-    train_loader.set_epoch(start_iteration // len(train_loader) + 1, skip=start_iteration % len(train_loader))
+    train_loader.set_epoch(start // n + 1, skip=start % n)
     with SignalStop() as signals:
-        if start_iteration:
-            trainer.load_state_dict({'iteration': start_iteration, 'max_epochs': opt.epochs,
-                                     'epoch_length': len(train_loader)})
+        if start:
+            trainer.load_state_dict({'iteration': start, 'max_epochs': opt.epochs, 'epoch_length': n})
             trainer.run(train_loader)
         else:
             trainer.run(train_loader, max_epochs=opt.epochs)
     if getattr(trainer.state, 'stopped_by', None):
-        step = trainer.state.iteration % len(train_loader)
+        step = trainer.state.iteration % n
         where = f'at epoch {trainer.state.epoch}, step {step}' if step else f'after epoch {trainer.state.epoch}'
-        raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; checkpoint written: resume '
-                         f'with --resume {checkpoint_path} --save {opt.save}', exit_code=128 + (signals.signum or 15))
+        what, resume = ('checkpoint written', f'--resume {members[0].checkpoint} --save {opt.save}') \
+            if not opt.cohort else ('every member checkpointed', f'--resume {opt.save} --save {opt.save} and the same --cohort')
+        raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; {what}: resume with {resume}',
+                         exit_code=128 + (signals.signum or 15))
+    stopped = [m.stopped for m in members if m.stopped]
+    if stopped:
+        raise RunStopped(f'{len(stopped)} of {len(members)} members of the cohort {opt.save} stopped early: '
+                         + '; '.join(stopped), exit_code=1)
     distributed.shutdown()
 
 
-def make_steps(opt, transfer, params, optimizer, weights, speed, watch, device):
-    """The training and evaluation steps: one forward (fp32, or bf16 under autocast; compiled or
-    not) giving the loss terms, their weighted sum as the loss, and outputs for the meters."""
-    trainable = [v for v in params.values() if v.requires_grad]
-
-    def forward(x, y, mode):
-        if speed.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(speed.device_type, torch.bfloat16, enabled=speed.autocast):
-            return transfer(x, y, params, mode)
-
-    if speed.compile:
-        forward = torch.compile(forward, dynamic=False)
-
-    def weighted_sum(terms):
-        # Terms of weight 0 (AT while only distilling, say) are logged but not differentiated.
-        return sum(weights[kind(n)] * v for n, v in terms.items() if weights[kind(n)])
-
-    def share(x):
-        """This process's fraction of the global batch, on the device (no host sync)."""
-        if not distributed.active():
-            return 1
-        n = torch.tensor(float(len(x)), device=device)
-        return n / distributed.all_reduce_sum(n)
-
-    def train_step(engine, batch):
-        x, y = batch
-        y_s, terms = forward(x, y, True)
-        loss = weighted_sum(terms)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.reduce_gradients_(trainable, len(x))
-        optimizer.step()
-        watch.update(engine.state.iteration, terms)
-        # No .item() here: meters keep device tensors and are read once per epoch.
-        return {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share(x),
-                'terms': {n: v.detach() for n, v in terms.items()}}
-
-    @torch.no_grad()
-    def eval_step(engine, batch):
-        x, y = batch
-        y_s, terms = forward(x, y, False)
-        return {'loss': weighted_sum(terms), 'y_pred': y_s, 'y': y, 'share': share(x)}
-
-    return train_step, eval_step
-
-
-def epoch_record(trainer, test_state, term_names, topk, train_time, test_time):
-    """The per-epoch fields of a log line, named as the reference code names them; each loss
-    term's [mean, std] over the epoch's training batches goes under '<kind>_loss', per-group
-    terms in a list under '<kind>_losses' ('at_losses' is the reference code's field)."""
-    m, t = trainer.state.metrics, test_state.metrics
+def epoch_record(member, epoch, topk, train_time, test_time):
+    """The per-epoch fields of a run's log line, named as the reference code names them; each
+    loss term's [mean, std] over the epoch's training batches goes under '<kind>_loss',
+    per-group terms in a list under '<kind>_losses' ('at_losses' is the reference code's)."""
+    m, t = member.train_meters.compute(), member.eval_meters.compute()
     stats = {
         'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
         'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
-        'epoch': trainer.state.epoch, 'train_time': train_time, 'test_time': test_time,
+        'epoch': epoch, 'train_time': train_time, 'test_time': test_time,
         'at_losses': [],
     }
-    for name in term_names:
+    for name in member.transfer.term_names():
         if name[-1].isdigit():
             stats.setdefault(kind(name) + '_losses', []).append(m['term:' + name])
         else:
@@ -389,15 +448,3 @@ def epoch_record(trainer, test_state, term_names, topk, train_time, test_time):
         stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
         stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
     return stats
-
-
-def restore(state, params, optimizer, speed, source):
-    """Parameters, optimizer and random generators from a checkpoint (ours or the reference
-    code's, which has no generator state)."""
-    copy_params_(params, state['params'], source)
-    if state['optimizer'] is not None:
-        load_optimizer_state(optimizer, state['optimizer'], source)
-        for group in optimizer.param_groups:  # the file's choice of kernel is not ours
-            group.update(fused=speed.fused or None, foreach=None)
-    if state.get('rng'):
-        set_rng_state(state['rng'])

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from losses import at_least_fp32, at_loss, at_loss_paper, distillation, input_gradient, \
-    input_gradient_loss, symmetry_loss, feature_distance, cosine_loss
+from losses import at_least_fp32, at_loss, at_loss_paper, distillation, \
+    input_gradient as input_gradient_of, input_gradient_loss, symmetry_loss, feature_distance, cosine_loss
 from utils import batch_norm, bnparams, conv_params, linear_params, flatten, data_parallel, \
     set_requires_grad_except_bn_
 
@@ -59,27 +59,6 @@ def double_backward(opt):
     return bool(opt.grad_beta or opt.sym_beta)
 
 
-def check_transfer_options(opt, has_teacher, teacher_flag):
-    """Refuses, before anything runs, combinations that cannot train."""
-    for name in WEIGHT_FLAGS:
-        if getattr(opt, name) < 0:
-            raise UserError(f'--{name} {getattr(opt, name)} is negative; a loss weight is 0 (off) or positive')
-    if opt.at_p <= 0:
-        raise UserError(f'--at_p {opt.at_p} is not positive; the paper uses 1, 2 or 4')
-    if opt.beta_decay <= 0:
-        raise UserError(f'--beta_decay {opt.beta_decay} is not positive; use e.g. 0.1, or 1 for no decay')
-    for name in NEEDS_TEACHER:
-        if getattr(opt, name) and not has_teacher:
-            raise UserError(f'--{name} compares the student with a teacher; give {teacher_flag} or drop --{name}')
-    if double_backward(opt):
-        if opt.compile == 'on':
-            raise UserError('--grad_beta and --sym_beta differentiate twice, which torch.compile '
-                            'cannot; use --compile auto or off')
-        if opt.ngpu > 1:
-            raise UserError('--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu; '
-                            'use torchrun with one process per GPU and --ngpu 1')
-
-
 def step_schedule(value, ratio, epoch, epoch_step):
     """`value` multiplied by `ratio` from each listed epoch on (1-based epochs): a pure function
     of the epoch, so a resumed run needs nothing but the epoch counter."""
@@ -107,29 +86,53 @@ class Transfer:
         self.opt, self.f_s, self.f_t = opt, f_s, f_t
         self.prefix = 'student.' if f_t else ''
         self.n_groups = None  # known once add_aux_params has looked at the networks
+        self.replicas = {}  # --ngpu: copies of tensors without gradient on the other GPUs
+
+    def network(self, params, prefix):
+        """One network's part of the dict: all that --ngpu needs to copy to its GPUs."""
+        if self.opt.ngpu == 1:
+            return params
+        return {k: v for k, v in params.items() if k.startswith(prefix) and not k.startswith('aux.')}
 
     def student(self, x, params, mode):
-        return data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix), x, params, mode,
-                             range(self.opt.ngpu))
+        return data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix), x,
+                             self.network(params, self.prefix), mode, range(self.opt.ngpu), self.replicas)
 
     def teacher(self, x, params):
-        return data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.'), x, params, False,
-                             range(self.opt.ngpu))
+        return data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.'), x,
+                             self.network(params, 'teacher.'), False, range(self.opt.ngpu), self.replicas)
 
-    def __call__(self, x, y, params, mode):
-        """(student logits, {term name: unweighted value}). Training-only terms (input
-        gradients, auxiliary heads) are left out when mode is False."""
+    def teacher_outputs(self, x, y, params, input_gradient=False):
+        """(logits, groups, input gradient or None) of the teacher: computed once per batch and
+        shared by every student that learns from it (a cohort)."""
+        if not input_gradient:
+            with torch.no_grad():
+                y_t, g_t = self.teacher(x, params)
+            return y_t, g_t, None
+        x_t = x.detach().requires_grad_()
+        with torch.enable_grad():
+            y_t, g_t = self.teacher(x_t, params)
+            j_t = input_gradient_of(y_t, y, x_t)
+        return y_t.detach(), [g.detach() for g in g_t], j_t
+
+    def __call__(self, x, y, params, mode, teacher=None):
+        """(student logits, {term name: unweighted value}). `teacher` holds teacher_outputs()
+        of this batch, computed here when not given. Training-only terms (input gradients,
+        auxiliary heads) are left out when mode is False."""
         o = self.opt
         input_gradients = mode and double_backward(o)
         if input_gradients:
             x = x.detach().requires_grad_()
         y_s, g_s = self.student(x, params, mode)
         if self.f_t:
-            terms, j_t = self.teacher_terms(x, y, params, y_s, g_s, mode and o.grad_beta)
+            if teacher is None:
+                teacher = self.teacher_outputs(x, y, params, mode and bool(o.grad_beta))
+            terms = self.teacher_terms(params, y, y_s, g_s, *teacher[:2])
+            j_t = teacher[2]
         else:
             terms, j_t = {'cross_entropy': F.cross_entropy(at_least_fp32(y_s), y)}, None
         if input_gradients:
-            j_s = input_gradient(y_s, y, x, create_graph=True)  # differentiable: trains the student
+            j_s = input_gradient_of(y_s, y, x, create_graph=True)  # differentiable: trains the student
             if o.grad_beta:
                 terms['grad_at'] = input_gradient_loss(j_s, j_t)
             if o.sym_beta:
@@ -140,19 +143,9 @@ class Transfer:
                 terms[f'aux{g}'] = F.cross_entropy(at_least_fp32(logits), y)
         return y_s, terms
 
-    def teacher_terms(self, x, y, params, y_s, g_s, teacher_gradient):
-        """The terms that compare with the teacher, and the teacher's input gradient if asked."""
+    def teacher_terms(self, params, y, y_s, g_s, y_t, g_t):
+        """The terms that compare the student with the teacher."""
         o = self.opt
-        if teacher_gradient:
-            x_t = x.detach().requires_grad_()
-            with torch.enable_grad():
-                y_t, g_t = self.teacher(x_t, params)
-                j_t = input_gradient(y_t, y, x_t)
-            y_t, g_t = y_t.detach(), [g.detach() for g in g_t]
-        else:
-            with torch.no_grad():
-                y_t, g_t = self.teacher(x, params)
-            j_t = None
         terms = {'distillation': distillation(at_least_fp32(y_s), at_least_fp32(y_t), y,
                                               o.temperature, o.alpha)}
         at = at_loss if o.at_form == 'code' else at_loss_paper
@@ -167,7 +160,7 @@ class Transfer:
             terms['fitnet'] = feature_distance(F.conv2d(g_s[m], params['aux.fitnet.conv'], padding=1), g_t[m])
         if o.cos_beta:
             terms['cos'] = cosine_loss(g_s[-1], g_t[-1])
-        return terms, j_t
+        return terms
 
     def term_names(self, training=True):
         """The names __call__ returns, in its order: one meter each."""

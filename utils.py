@@ -79,33 +79,54 @@ def cast(params, dtype='float', device=None):
 # ----------------------------------------------------------------------------------------------
 # Multi-GPU on one machine (--ngpu): split the batch, run a replica of f per GPU, gather.
 
-def data_parallel(f, input, params, mode, device_ids, output_device=None):
-    """Runs f(input, params, mode) split over `device_ids`. Gradients flow back to `params`
-    through Broadcast. BN running statistics are updated from the first GPU's shard only: its
-    replica uses the original buffers, the others get copies that are dropped."""
+def data_parallel(f, input, params, mode, device_ids, cache=None):
+    """Runs f(input, params, mode) split over `device_ids`; `params` holds the tensors of one
+    network. Gradients flow back to `params` through Broadcast. BN running statistics are
+    updated from the first GPU's shard only: in training the other replicas have none (batch
+    statistics need none), in evaluation they get copies. Tensors without gradient are copied to
+    each GPU once and again only after they change (`cache`, kept by the caller across steps),
+    so a frozen teacher crosses to each GPU once per run."""
     device_ids = list(device_ids)
     if len(device_ids) <= 1:
         return f(input, params, mode)
-    output_device = device_ids[0] if output_device is None else output_device
-
+    cache = {} if cache is None else cache
     keys = [k for k, v in params.items() if v.requires_grad]
-    copies = Broadcast.apply(device_ids, *[params[k] for k in keys])
+    copies = Broadcast.apply(device_ids, *[params[k] for k in keys]) if keys else []
     replicas = []
     for j, dev in enumerate(device_ids):
         p = {k: copies[j * len(keys) + i] for i, k in enumerate(keys)}
         for k, v in params.items():
-            if not v.requires_grad:
-                p[k] = v if j == 0 else v.to(f'cuda:{dev}', copy=True)
+            if v.requires_grad:
+                continue
+            if j == 0:
+                p[k] = v
+            elif mode and is_running_stat(k):
+                p[k] = None
+            else:
+                version, copy = cache.get((k, dev), (None, None))
+                if version != v._version or copy is None:
+                    copy = v.to(f'cuda:{dev}', copy=True)
+                    cache[k, dev] = (v._version, copy)
+                p[k] = copy
         replicas.append(p)
+    # parallel_apply enters autocast in each worker thread without a dtype, and the dtype is
+    # per thread (fp16 by default): run the replicas in this thread's autocast dtype (bf16).
+    autocast = dict(device_type='cuda', dtype=torch.get_autocast_dtype('cuda'),
+                    enabled=torch.is_autocast_enabled('cuda'))
+
+    def replica(x, p):
+        with torch.autocast(**autocast):
+            return f(x, p, mode)
+
     inputs = scatter(input, device_ids)
-    modules = [lambda x, p=p: f(x, p, mode) for p in replicas[:len(inputs)]]
+    modules = [lambda x, p=p: replica(x, p) for p in replicas[:len(inputs)]]
     outputs = parallel_apply(modules, [(x,) for x in inputs], devices=device_ids[:len(inputs)])
-    return gather(outputs, output_device)
+    return gather(outputs, output_device=device_ids[0])
 
 
-def print_tensor_dict(params, n_parameters=None):
+def print_tensor_dict(params, n_parameters=None, runs=()):
     """The parameter table printed at start-up: name, shape, dtype, trainable; then the
-    student's parameter count."""
+    student's parameter count (and, for a cohort, its members, each with such a table)."""
     print('\nParameters:')
     width = max(len(k) for k in params)
     for k, v in params.items():
@@ -114,3 +135,5 @@ def print_tensor_dict(params, n_parameters=None):
         print(f'  {k:<{width}}  {shape:<16} {str(v.dtype).replace("torch.", "")}{grad}')
     if n_parameters is not None:
         print(f'\nTotal number of parameters: {n_parameters}')
+    if len(runs) > 1:
+        print(f'Cohort of {len(runs)} students (the table shows the first): {", ".join(runs)}')

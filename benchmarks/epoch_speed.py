@@ -30,7 +30,8 @@ import cifar  # noqa: E402
 from data import MEAN, STD, Loader, load_cifar  # noqa: E402
 from resnet import resnet  # noqa: E402
 from losses import at_loss, distillation  # noqa: E402
-from training import join_networks, train, cpu_has_bf16  # noqa: E402
+from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from training import build_members, train  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -109,12 +110,14 @@ def to_device(params, device):
 def last_epoch(flags, mode, data, device):
     """Trains through cifar.py's options and the shared loop; the last log line."""
     with tempfile.TemporaryDirectory() as tmp:
-        opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--seed', '0'] + flags)
-        transfer, params = join_networks(opt, *networks(mode))
-        train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=0)
-        test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False)
-        train(opt, transfer, to_device(params, device), train_loader, test_loader, n_parameters=0,
-              num_classes=10, device=device)
+        opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--seed', '0', '--data_seed', '0'] + flags)
+        f_s, p_s, teacher = networks(mode)
+        members = build_members([opt], lambda: (f_s, p_s), teacher, image_size=32, device=device,
+                                channels_last=uses_channels_last(opt))
+        layout = dict(channels_last=uses_channels_last(opt))
+        train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=0, **layout)
+        test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False, **layout)
+        train(opt, members, train_loader, test_loader, num_classes=10, device=device)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
             return json.loads(log.readlines()[-1][len('json_stats: '):])
 

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagenet  # noqa: E402
 from imagenet_data import ImageFiles  # noqa: E402
 from resnet import define_student, fold_batch_norm, teacher_forward, IMAGENET_BLOCKS  # noqa: E402
-from training import join_networks, train, cpu_has_bf16  # noqa: E402
+from devices import cpu_has_bf16  # noqa: E402
+from training import build_members, train  # noqa: E402
 
 
 class RandomBatches:
@@ -36,7 +37,7 @@ class RandomBatches:
         x = torch.randn(batch_size, 3, 224, 224, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self.batch = (x, torch.randint(num_classes, (batch_size,), device=device))
+        self.batch = (x, torch.randint(num_classes, (batch_size,), device=device), 1.0)
         self.steps, self.batch_size, self.skip = steps, batch_size, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -66,11 +67,12 @@ def images_per_second(args, mode, reference, device):
         flags = ['--imagenetpath', tmp, '--save', os.path.join(tmp, 'run'), '--epochs', '2', '--seed', '0',
                  '--beta', '1e3', '--alpha', '0.9', '--compile', args.compile] + (['--reference'] if reference else [])
         opt = imagenet.parse_args(flags)
-        transfer, params = join_networks(opt, *networks(mode, args.num_classes), image_size=224)
-        params = {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
+        f_s, p_s, teacher = networks(mode, args.num_classes)
+        members = build_members([opt], lambda: (f_s, p_s), teacher, image_size=224, device=device,
+                                channels_last=not reference)
         batches = RandomBatches(args.steps, args.batch_size, args.num_classes, device, not reference)
-        train(opt, transfer, params, batches, RandomBatches(1, args.batch_size, args.num_classes, device, not reference),
-              n_parameters=0, num_classes=args.num_classes, device=device, topk=5)
+        train(opt, members, batches, RandomBatches(1, args.batch_size, args.num_classes, device, not reference),
+              num_classes=args.num_classes, device=device, topk=5)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
             last = json.loads(log.readlines()[-1][len('json_stats: '):])
     return args.steps * args.batch_size / last['train_time']

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epoch_speed import last_epoch, random_subset  # noqa: E402
-from training import cpu_has_bf16  # noqa: E402
+from devices import cpu_has_bf16  # noqa: E402
 
 METHODS = [
     ('student alone', None),

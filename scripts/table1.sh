@@ -1,56 +1,78 @@
 #!/usr/bin/env bash
-# The paper's Table 1 (CIFAR-10 test error): three teachers, then for each student/teacher pair
-# the columns student, AT, F-ActT, KD, AT+KD, each over --seed 1..5 (the paper reports medians
-# of five runs). 3 teachers + 70 student runs of 200 epochs each.
+# The paper's Table 1 (CIFAR-10 test error): three teachers, then each student/teacher row as one
+# cohort (cifar.py --cohort): the columns student, AT, F-ActT, KD, AT+KD, each over --seed 1..5
+# (the paper reports medians of five runs), trained in lock-step on the same batches with one
+# teacher forward per batch. 3 teachers + 3 cohorts of 25 students, 200 epochs each.
 #
 # Usage: scripts/table1.sh [extra cifar.py flags, e.g. --dataroot DIR]
 #        SEEDS="1 2" scripts/table1.sh ...          fewer seeds
 #        CIFAR=echo scripts/table1.sh               print the runs' flags instead of training
-# Every run lives in logs/table1/<name>; a finished run is skipped and an interrupted one resumes,
-# so the script can simply be started again. Read the table with
+# Teachers live in logs/table1/teacher_wrn<d>-<w>/, each row's students in
+# logs/table1/wrn<d>-<w>_from_wrn<td>-<tw>/<column>_seed<k>/. A finished run is skipped and an
+# interrupted one resumes, so the script can simply be started again. Read the table with
 #        python3 summarize.py logs/table1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1 2 3 4 5"}
 CIFAR=${CIFAR:-python3 cifar.py}  # CIFAR=echo lists the runs without training
 
-run() {  # run NAME [cifar.py flags...]
+launch() {  # the command, or with CIFAR=echo its words shell-quoted on one line
+  if [ "$CIFAR" = echo ]; then
+    printf '%q ' "$@"
+    echo
+  else
+    $CIFAR "$@"
+  fi
+}
+
+teacher() {  # teacher NAME [cifar.py flags...]
   local dir=logs/table1/$1; shift
   if [ -f "$dir/model.pt7" ]; then
-    $CIFAR --save "$dir" --resume "$dir/model.pt7" "$@"
+    launch --save "$dir" --resume "$dir/model.pt7" "$@"
   else
-    $CIFAR --save "$dir" "$@"
+    launch --save "$dir" "$@"
+  fi
+}
+
+row() {  # row NAME MEMBERS [cifar.py flags...]: one cohort; a started row resumes
+  local dir=logs/table1/$1 members=$2; shift 2
+  if [ -d "$dir" ]; then
+    launch --save "$dir" --resume "$dir" --cohort "$members" "$@"
+  else
+    launch --save "$dir" --cohort "$members" "$@"
   fi
 }
 
 # Teachers (one each, seed 1); students find them as --teacher_id table1/teacher_wrn<d>-<w>.
 for net in "16 2" "40 1" "40 2"; do
   read -r d w <<< "$net"
-  run "teacher_wrn$d-$w" --depth "$d" --width "$w" --seed 1 "$@"
+  teacher "teacher_wrn$d-$w" --depth "$d" --width "$w" --seed 1 "$@"
 done
 
-# Columns: the transfer flags of each method. F-ActT's weight and AT+KD's beta decay are this
-# suite's choices (the paper gives neither); the others are the paper's.
+# Columns: each method's per-student options. F-ActT's weight and AT+KD's beta decay are this
+# suite's choices (the paper gives neither); the others are the paper's. The student column
+# trains on cross-entropy alone: it has the row's teacher but gives it no weight.
 declare -A METHOD=(
-  [at]="--beta 1e3"
-  [factt]="--factt_beta 1"
-  [kd]="--alpha 0.9 --temperature 4"
-  [at_kd]="--alpha 0.9 --beta 1e3 --beta_decay 0.2"
+  [student]=''
+  [at]='"beta": 1000'
+  [factt]='"factt_beta": 1'
+  [kd]='"alpha": 0.9, "temperature": 4'
+  [at_kd]='"alpha": 0.9, "beta": 1000, "beta_decay": 0.2'
 )
 
-for seed in $SEEDS; do
-  # The "student" column: each student architecture trained alone.
-  for net in "16 1" "16 2"; do
-    read -r d w <<< "$net"
-    run "wrn$d-${w}_alone_seed$seed" --depth "$d" --width "$w" --seed "$seed" "$@"
-  done
-  # Student depth and width, teacher depth and width.
-  for pair in "16 1 16 2" "16 1 40 1" "16 2 40 2"; do
-    read -r d w td tw <<< "$pair"
-    for method in at factt kd at_kd; do
-      # shellcheck disable=SC2086  # METHOD holds several flags
-      run "wrn$d-${w}_from_wrn$td-${tw}_${method}_seed$seed" --depth "$d" --width "$w" \
-        --teacher_id "table1/teacher_wrn$td-$tw" --seed "$seed" ${METHOD[$method]} "$@"
+members() {  # the row's members as a JSON list: every column, every seed
+  local list=''
+  for method in student at factt kd at_kd; do
+    for seed in $SEEDS; do
+      list+="${list:+, }{\"name\": \"${method}_seed$seed\", \"seed\": $seed${METHOD[$method]:+, ${METHOD[$method]}}}"
     done
   done
+  echo "[$list]"
+}
+
+# Student depth and width, teacher depth and width.
+for pair in "16 1 16 2" "16 1 40 1" "16 2 40 2"; do
+  read -r d w td tw <<< "$pair"
+  row "wrn$d-${w}_from_wrn$td-$tw" "$(members)" --depth "$d" --width "$w" \
+    --teacher_id "table1/teacher_wrn$td-$tw" "$@"
 done

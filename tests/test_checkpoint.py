@@ -22,7 +22,7 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path):
     opt = trained_optimizer(params)
     save_checkpoint(str(tmp_path), params, opt, 3)
     assert os.listdir(tmp_path) == ['model.pt7']  # no temporary file left behind
-    raw = torch.load(tmp_path / 'model.pt7', weights_only=True)
+    raw = torch.load(tmp_path / 'model.pt7', map_location='cpu', weights_only=True)
     assert set(raw) == {'params', 'optimizer', 'epoch'} and raw['epoch'] == 3
     state = load_checkpoint(str(tmp_path / 'model.pt7'))
     _, fresh = resnet(10, 1, 10)

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
+import cifar
+from conftest import run_cli, run_in_process
 from resnet import resnet
 
 TINY = ['--depth', 10, '--batch_size', 32, '--nthread', 2]
@@ -19,7 +20,7 @@ def log_lines(run_dir):
 
 
 def checkpoint(run_dir):
-    return torch.load(os.path.join(run_dir, 'model.pt7'), weights_only=True)
+    return torch.load(os.path.join(run_dir, 'model.pt7'), map_location='cpu', weights_only=True)
 
 
 def ok(result):
@@ -68,10 +69,12 @@ def test_teacher_then_at_kd_student(layout, request, tmp_path):
 
 
 def test_resume_continues_epochs_and_log_and_matches_a_straight_run(image_tree, tmp_path):
-    common = [*TINY, '--width', 1, '--epochs', 3, '--epoch_step', '[2]', '--seed', 3, '--dataroot', image_tree]
+    # --deterministic: on a GPU, bitwise equality needs deterministic kernels (no effect on CPU)
+    common = [*TINY, '--width', 1, '--epochs', 3, '--epoch_step', '[2]', '--seed', 3, '--dataroot', image_tree,
+              '--deterministic']
     ok(run_cli('cifar.py', *common, '--save', 'logs/straight', cwd=tmp_path))
     ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 1, '--epoch_step', '[2]', '--seed', 3,
-               '--dataroot', image_tree, '--save', 'logs/split', cwd=tmp_path))
+               '--dataroot', image_tree, '--deterministic', '--save', 'logs/split', cwd=tmp_path))
     out = ok(run_cli('cifar.py', *common, '--save', 'logs/split', '--resume', 'logs/split/model.pt7',
                      cwd=tmp_path))
     assert '(1/3)' not in out.stdout and '(3/3)' in out.stdout
@@ -154,9 +157,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(image_tree, tmp_path):
     os.makedirs(tmp_path / 'logs/bad_ckpt')
     (tmp_path / 'logs/bad_ckpt/log.txt').write_text('json_stats: {"depth": 10, "width": 1}\n')
     (tmp_path / 'logs/bad_ckpt/model.pt7').write_bytes(b'\x00' * 100)
-    for extra, phrases in cases:
+    for n, (extra, phrases) in enumerate(cases):
         args = [*TINY, '--epochs', 2, '--dataroot', image_tree, *extra]
-        expect_user_error(run_cli('cifar.py', *args, cwd=tmp_path), *phrases)
+        # one through the command line, the rest in this process (no imports to pay for)
+        run = run_cli('cifar.py', *args, cwd=tmp_path) if n == 0 else run_in_process(cifar.main, *args, cwd=tmp_path)
+        expect_user_error(run, *phrases)
         assert fingerprint(tmp_path / 'logs/run') == before
         assert not os.path.exists(tmp_path / 'logs/x')
 
@@ -169,3 +174,36 @@ def test_teacher_trained_on_other_classes_is_refused(image_tree, tmp_path):
     (run / 'log.txt').write_text('json_stats: ' + json.dumps(line) + '\n')
     expect_user_error(run_cli('cifar.py', *TINY, '--epochs', 1, '--dataroot', image_tree, '--teacher_id', 'c100',
                               '--save', 'logs/y', cwd=tmp_path), 'trained on 100 classes')
+
+
+def write_original_checkpoint(path, depth, width, epoch):
+    """A model.pt7 as the original code writes it mid-training: NCHW parameters and an SGD state
+    whose momentum buffers are all different (so a buffer read in the wrong order shows)."""
+    torch.manual_seed(6)
+    _, params = resnet(depth, width, 10)
+    opt = torch.optim.SGD([v for v in params.values() if v.requires_grad], 0.1, momentum=0.9, weight_decay=5e-4)
+    for v in params.values():
+        if v.requires_grad:
+            v.grad = 0.01 * torch.randn_like(v)  # the size of a late-training gradient
+    opt.step()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'params': {k: v.detach() for k, v in params.items()}, 'optimizer': opt.state_dict(),
+                'epoch': epoch}, path)
+
+
+def test_nchw_checkpoints_resume_on_the_fast_path_as_on_the_reference_path(image_tree, tmp_path):
+    """A --reference run's checkpoint and one of the original code both hold NCHW momentum
+    buffers; resumed on the fast path (channels_last, fused SGD) the run must continue as the
+    reference path continues it (before the buffers took the layout of their parameters, 0.36 apart)."""
+    common = [*TINY, '--width', 1, '--seed', 3, '--dataroot', image_tree, '--epoch_step', '[9]']
+    ok(run_cli('cifar.py', *common, '--epochs', 1, '--reference', '--save', 'logs/ref', cwd=tmp_path))
+    write_original_checkpoint(tmp_path / 'old/model.pt7', 10, 1, epoch=1)
+    for source in ('logs/ref/model.pt7', 'old/model.pt7'):
+        ends = []
+        for path in ([], ['--reference']):
+            save = f'logs/{len(ends)}-{source.split("/")[0]}'
+            ok(run_in_process(cifar.main, *common, '--epochs', 2, *path, '--resume', source, '--save', save,
+                              cwd=tmp_path))
+            ends.append(checkpoint(tmp_path / save)['params'])
+        gap = max((ends[0][k] - ends[1][k]).abs().max().item() for k in ends[0])
+        assert gap < 1e-3, (source, gap)

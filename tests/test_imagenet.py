@@ -11,7 +11,7 @@ import torchvision
 from PIL import Image
 
 import imagenet
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 from errors import UserError
 from imagenet_data import ImageFolderLoader, center_crop_box, random_resized_crop_box
 from resnet import define_student, define_teacher, from_torchvision
@@ -178,16 +178,17 @@ def test_loader_batches_depend_only_on_seed_and_epoch(tmp_path):
     loader = ImageFolderLoader(str(root / 'train'), 4, train=True, seed=5, nthread=0, channels_last=True)
     loader.set_epoch(1)
     first = list(loader)
-    assert len(loader) == len(first) == 3 and [len(y) for _, y in first] == [4, 4, 1]
-    x, y = first[0]
+    assert len(loader) == len(first) == 3 and [len(y) for _, y, _ in first] == [4, 4, 1]
+    assert [share for _, _, share in first] == [1.0] * 3
+    x, y, _ = first[0]
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert abs(x.mean().item()) < 3 and sorted(torch.cat([y for _, y in first]).tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+    assert abs(x.mean().item()) < 3 and sorted(torch.cat([y for _, y, _ in first]).tolist()) == [0] * 3 + [1] * 3 + [2] * 3
     workers = ImageFolderLoader(str(root / 'train'), 4, train=True, seed=5, nthread=2)
     workers.set_epoch(1, skip=1)
     rest = list(workers)
     assert len(rest) == 2 and rest[0][0].is_contiguous()
-    for (a, b), (c, d) in zip(first[1:], rest):
+    for (a, b, _), (c, d, _) in zip(first[1:], rest):
         assert torch.equal(a, c) and torch.equal(b, d)
     loader.set_epoch(2)
     assert not torch.equal(next(iter(loader))[0], first[0][0])
@@ -226,7 +227,7 @@ def test_at_student_of_a_torchvision_teacher_trains_logs_and_resumes(tmp_path):
     assert len(r['at_losses']) == 4 and len(r['factt_losses']) == 4 and len(r['aux_losses']) == 2
     for mean, std in r['at_losses']:
         assert mean > 0 and math.isfinite(mean) and std is not None
-    ckpt = torch.load(tmp_path / 'logs/at/model.pt7', weights_only=True)
+    ckpt = torch.load(tmp_path / 'logs/at/model.pt7', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 2
     teacher = define_teacher(str(tmp_path / 'resnet18.pth'))[1]
     aux = {k for k in ckpt['params'] if k.startswith('aux.')}
@@ -234,6 +235,25 @@ def test_at_student_of_a_torchvision_teacher_trains_logs_and_resumes(tmp_path):
     assert set(ckpt['params']) - aux == {'student.' + k for k in student} | {'teacher.' + k for k in teacher}
     for k, v in teacher.items():  # the teacher is folded once and never trained
         assert torch.equal(ckpt['params']['teacher.' + k], v), k
+
+
+def test_a_cohort_of_students_shares_the_teacher(tmp_path):
+    """imagenet.py takes --cohort as cifar.py does: each member an ordinary run in its folder."""
+    root = make_image_folder(tmp_path / 'images')
+    torch.save(randomised(torchvision.models.resnet18(weights=None, num_classes=3)).state_dict(),
+               tmp_path / 'resnet18.pth')
+    members = '[{"name": "at", "seed": 1, "beta": 1000}, {"name": "kd", "seed": 2, "alpha": 0.9}]'
+    ok(run_in_process(imagenet.main, '--imagenetpath', root, '--depth', 18, '--width', 0.25, '--teacher_params',
+                      'resnet18.pth', '--batch_size', 4, '--nthread', 0, '--epochs', 1, '--save', 'logs/row',
+                      '--cohort', members, cwd=tmp_path))
+    for name, seed in (('at', 1), ('kd', 2)):
+        [line] = log_lines(tmp_path / 'logs/row' / name)
+        assert line['seed'] == seed and line['data_seed'] == 1 and line['save'] == f'logs/row/{name}'
+        assert len(line['at_losses']) == 4 and 'test_top3' in line
+    at, kd = (torch.load(tmp_path / 'logs/row' / n / 'model.pt7', map_location='cpu', weights_only=True)['params']
+              for n in ('at', 'kd'))
+    assert not torch.equal(at['student.conv0'], kd['student.conv0'])  # each from its own seed
+    assert torch.equal(at['teacher.conv0.weight'], kd['teacher.conv0.weight'])
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -1,19 +1,24 @@
 import argparse
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import cifar
+from devices import cpu_has_bf16, speed_settings, to_channels_last_
 from errors import UserError
+from options import epoch_steps
 from resnet import resnet
-from training import MeanStd, learning_rate, parse_epoch_step, speed_settings, join_networks, \
-    cpu_has_bf16
+from training import Meters, MeanStd, build_members, learning_rate, join_networks, make_steps, restore
 
 
 def options(**kw):
     base = dict(lr=0.1, lr_decay_ratio=0.2, temperature=4, alpha=0.9, beta=1e3, reference=False,
                 dtype='float', compile='auto', at_p=2, at_form='code', beta_decay=1, grad_beta=0,
-                sym_beta=0, factt_beta=0, fitnet_beta=0, cos_beta=0, aux_weight=0, ngpu=1)
+                sym_beta=0, factt_beta=0, fitnet_beta=0, cos_beta=0, aux_weight=0, ngpu=1,
+                deterministic=False, compile_mode='default')
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -23,11 +28,10 @@ def test_learning_rate_drops_at_each_listed_epoch():
     assert lrs == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004])
 
 
-def test_epoch_step_must_be_a_json_list():
-    assert parse_epoch_step('[60, 120]') == [60, 120]
-    for bad in ('60,120', '[1.5]', '{"a": 1}'):
-        with pytest.raises(UserError, match='--epoch_step'):
-            parse_epoch_step(bad)
+def test_epoch_step_must_be_a_json_list_of_increasing_epochs():
+    assert epoch_steps('[60, 120]') == [60, 120] and epoch_steps('[]') == []
+    for bad in ('60,120', '[1.5]', '{"a": 1}', '[120, 60]', '[0, 5]'):
+        assert epoch_steps(bad) is None
 
 
 def test_mean_std_meter_is_the_sample_std_over_batches():
@@ -93,3 +97,122 @@ def test_compiled_step_updates_bn_statistics_like_eager():
         if params[k].requires_grad:
             torch.testing.assert_close(copy[k].grad, params[k].grad, rtol=1e-3, atol=1e-4)
     assert not torch.equal(params['bn.running_mean'], torch.zeros_like(params['bn.running_mean']))
+
+
+def trainable(params):
+    return [v for v in params.values() if v.requires_grad]
+
+
+def test_restored_momentum_takes_the_layout_of_channels_last_parameters():
+    """A checkpoint of an NCHW run (--reference, the original code) resumed on the fast path:
+    fused SGD walks parameter and momentum buffer in memory order, so the buffer must be
+    channels_last like its parameter; the step must equal plain SGD's."""
+    torch.manual_seed(0)
+    _, nchw = resnet(10, 1, 10)
+    plain = torch.optim.SGD(trainable(nchw), 0.1, momentum=0.9, weight_decay=5e-4)
+    for p in trainable(nchw):
+        p.grad = torch.randn_like(p)
+    plain.step()  # random momentum buffers
+    state = {'params': {k: v.detach().clone() for k, v in nchw.items()}, 'optimizer': plain.state_dict(),
+             'epoch': 1}
+    fast = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in nchw.items()}
+    to_channels_last_(fast)
+    fused = torch.optim.SGD(trainable(fast), 0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    restore(state, fast, fused, True, 'model.pt7')
+    for p, q in zip(trainable(nchw), trainable(fast)):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone().contiguous(memory_format=torch.channels_last) if q.dim() == 4 else p.grad.clone()
+    plain.step()
+    fused.step()
+    for k in nchw:
+        torch.testing.assert_close(fast[k], nchw[k], rtol=1e-6, atol=1e-6)
+    assert fast['group0.block0.conv0'].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_is_chosen_by_compute_capability_not_emulation(monkeypatch):
+    """V100 and T4 (compute capability 7.x) emulate bf16 more slowly than fp32."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    cuda = torch.device('cuda')
+    try:
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 0))
+        assert not speed_settings(options(), cuda, 200).autocast
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (9, 0))
+        fast = speed_settings(options(), cuda, 200)
+        assert fast.autocast and torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        # the reference path is the original arithmetic: no TF32 rounding of fp32 convolutions
+        assert not speed_settings(options(reference=True), cuda, 200).autocast
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def test_split_batches_are_not_compiled():
+    """--ngpu and torchrun run eagerly (compile was never shown to work there)."""
+    assert not speed_settings(options(ngpu=2, compile='on'), torch.device('cpu'), 200).compile
+
+
+def steps_of(*flags, speed, teacher=False, epoch=1, device='cpu'):
+    """Members of a WRN-10 cohort (one run unless --cohort is among `flags`; a WRN-10-1 teacher
+    with `teacher`) ready to step on `device`, and their training and evaluation steps."""
+    opt = cifar.parse_args(['--save', 'unused', '--depth', '10', '--width', '0.5', '--seed', '0',
+                            *(['--teacher_id', 't'] if teacher else []), *map(str, flags)])
+    from cohort import member_runs
+    runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
+    for run in runs:
+        run.seed = 0 if run.seed is None else run.seed
+    torch.manual_seed(0)
+    f_t, p_t = resnet(10, 1, 10)
+    t = (lambda x, p, prefix: f_t(x, p, False, prefix), {k: v.requires_grad_(False) for k, v in p_t.items()})
+    members = build_members(runs, lambda: resnet(10, 0.5, 10), t if teacher else None, image_size=32,
+                            device=torch.device(device), channels_last=speed.channels_last)
+    for m in members:
+        m.start(speed.fused, 10, 1, torch.device(device))
+        m.weights.update(m.transfer.weights(epoch, []))
+    return members, make_steps(members, speed)
+
+
+def cpu_speed(autocast=False, **kw):
+    return SimpleNamespace(**{**dict(autocast=autocast, channels_last=True, fused=True, compile=False,
+                                     compile_mode='default', device_type='cpu'), **kw})
+
+
+def test_evaluation_is_fp32_while_training_uses_bf16_autocast():
+    [m], (train_step, eval_step) = steps_of(speed=cpu_speed(autocast=True))
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=1))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    assert train_step(engine, (x, y, 1.0))[m]['y_pred'].dtype == torch.bfloat16
+    m.evaluating = True
+    assert eval_step(engine, (x, y, 1.0))[m]['y_pred'].dtype == torch.float32
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to the host (on a GPU, a sync):
+    .item(), bool(), int(), float(), nonzero, equal."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(s in func.__name__ for s in ('_local_scalar_dense', 'nonzero', 'equal')):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('teacher', [False, True])
+def test_training_steps_and_meters_read_nothing_back_to_the_host(teacher):
+    flags = ['--cohort', '[{"name": "a", "beta": 1000, "alpha": 0.9}, {"name": "b"}]'] if teacher else []
+    members, (train_step, _) = steps_of(*flags, speed=cpu_speed(), teacher=teacher)
+    for m in members:
+        m.train_meters.reset()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with HostReads() as mode:
+        for i in range(1, 21):
+            outputs = train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), (x, y, 1.0))
+            for m, out in outputs.items():
+                m.train_meters.update(out)
+    assert mode.reads == []
+    for m in members:
+        assert m.train_meters.compute()['loss'][0] > 0

@@ -213,7 +213,8 @@ def test_resume_continues_the_beta_schedule_and_aux_parameters(image_tree, workd
     def run(epochs, *extra):
         return ok(run_cli('cifar.py', *TINY, '--width', 0.5, '--epochs', epochs, '--epoch_step', '[2,3]',
                           '--seed', 4, '--dataroot', image_tree, '--teacher_id', 'teacher', '--beta', 1e3,
-                          '--alpha', 0.9, '--beta_decay', 0.5, '--factt_beta', 0.1, *extra, cwd=workdir))
+                          '--alpha', 0.9, '--beta_decay', 0.5, '--factt_beta', 0.1, '--deterministic', *extra,
+                          cwd=workdir))
 
     run(3, '--save', 'logs/straight')
     run(1, '--save', 'logs/split')

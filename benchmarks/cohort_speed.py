@@ -1,0 +1,90 @@
+"""Throughput of cohorts: students trained in lock-step against one student alone.
+
+    python3 benchmarks/cohort_speed.py --dataroot DIR [--sizes 1 5 25] [--train_images 10000]
+
+In one run, on the same images, trains for --epochs epochs (the last is timed) WRN-16-1 students
+of a WRN-16-2 teacher (random weights: the arithmetic is a trained teacher's) through the real
+loop: size 1 is a single AT run (--beta 1e3), size 5 an AT cohort over seeds 1..5, size 25 a
+Table 1 row (student, AT, F-ActT, KD, AT+KD over seeds 1..5). Throughput ratio = students x
+single run's epoch / cohort's epoch: how many single runs' worth of training one cohort epoch
+does in the time of one.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cifar  # noqa: E402
+from cohort import member_runs  # noqa: E402
+from data import Loader  # noqa: E402
+from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from epoch_speed import networks, random_subset  # noqa: E402
+from resnet import resnet  # noqa: E402
+from training import build_members, train  # noqa: E402
+
+COLUMNS = {'student': {}, 'at': {'beta': 1e3}, 'factt': {'factt_beta': 1}, 'kd': {'alpha': 0.9},
+           'at_kd': {'alpha': 0.9, 'beta': 1e3, 'beta_decay': 0.2}}
+
+
+def members(size):
+    if size == 1:
+        return None
+    columns = ['at'] if size == 5 else list(COLUMNS)
+    assert size == 5 * len(columns), 'sizes are 1, 5 (AT over five seeds) or 25 (a Table 1 row)'
+    return [{'name': f'{c}_seed{s}', 'seed': s, **COLUMNS[c]} for c in columns for s in range(1, 6)]
+
+
+def last_epoch(size, args, data, device):
+    """(train seconds, test seconds) of the last epoch of a cohort of `size` students."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = ['--save', os.path.join(tmp, 'run'), '--teacher_id', 'random', '--epochs', str(args.epochs),
+                 '--epoch_step', '[]', '--compile', args.compile, '--data_seed', '1']
+        cohort = members(size)
+        flags += ['--cohort', json.dumps(cohort)] if cohort else ['--seed', '1', '--beta', '1e3']
+        opt = cifar.parse_args(flags)
+        runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
+        for run in runs:
+            run.data_seed = opt.data_seed
+        teacher = networks('at')[2]
+        layout = dict(channels_last=uses_channels_last(opt))
+        train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=1, **layout)
+        test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False, **layout)
+        built = build_members(runs, lambda: resnet(16, 1, 10), teacher, image_size=32, device=device, **layout)
+        train(opt, built, train_loader, test_loader, num_classes=10, device=device)
+        with open(os.path.join(runs[0].save, 'log.txt')) as log:
+            last = json.loads(log.readlines()[-1][len('json_stats: '):])
+        return last['train_time'], last['test_time']
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--dataroot', required=True)
+    p.add_argument('--sizes', type=int, nargs='+', default=[1, 5, 25])
+    p.add_argument('--train_images', type=int, default=10000)
+    p.add_argument('--test_images', type=int, default=2000)
+    p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--compile', choices=['on', 'off'], default='off')
+    args = p.parse_args()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    data = random_subset(args.dataroot, args.train_images, args.test_images, 4)
+    machine = torch.cuda.get_device_name() if device.type == 'cuda' else \
+        f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}'
+    print(f'{len(data["train"][0])} train + {len(data["test"][0])} test images, torch {torch.__version__}, {machine}, '
+          f'compile {args.compile}')
+    results = {size: last_epoch(size, args, data, device) for size in args.sizes}
+    single = results.get(1)
+    print('\n| students | epoch: train s | epoch: test s | train s per student | throughput vs single runs |')
+    print('| --- | --- | --- | --- | --- |')
+    for size, (train_s, test_s) in results.items():
+        ratio = f'{size * sum(single) / (train_s + test_s):.2f}x' if single else 'n/a'
+        print(f'| {size} | {train_s:.1f} | {test_s:.1f} | {train_s / size:.1f} | {ratio} |')
+
+
+if __name__ == '__main__':
+    main()

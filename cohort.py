@@ -1,0 +1,148 @@
+"""The runs one command trains: a single run, or a cohort of students of one teacher.
+
+A cohort (`--cohort MEMBERS`) trains many students in lock-step: every member sees the same
+batches (one data stream, seeded by --data_seed) and the teacher runs once per batch for all of
+them. Each member is an ordinary run: its options are the command line's with its own
+per-student loss options and seed, its directory is <--save>/<name>/, and its log.txt and
+model.pt7 are what a single run with those options writes. A single run is a cohort of one
+whose directory is --save itself.
+
+MEMBERS is a JSON list, inline or @file, of objects such as
+    {"name": "at-1", "seed": 1, "beta": 1e3}
+"""
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+import distributed
+from checkpoint import CHECKPOINT, LOG, load_checkpoint
+from devices import choose_device
+from errors import UserError
+from options import check_run_options
+
+# What may differ between the members of a cohort: the loss and the initialisation. Everything
+# else (architecture, teacher, data, schedule, precision) is shared.
+MEMBER_OPTIONS = ('seed', 'alpha', 'beta', 'temperature', 'beta_decay', 'at_p', 'at_form', 'grad_beta',
+                  'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight')
+
+
+def read_members(text):
+    """The list of member objects of a --cohort value (JSON, or @path of a JSON file)."""
+    source = '--cohort'
+    if text.startswith('@'):
+        source = text[1:]
+        try:
+            with open(source) as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f'--cohort {text}: cannot read {source} ({e.strerror}); name a JSON file '
+                            f'of member objects') from None
+    try:
+        members = json.loads(text)
+    except ValueError as e:
+        raise UserError(f'{source} is not valid JSON ({e}); give a list of member objects, e.g. '
+                        f'[{{"name": "at-1", "seed": 1, "beta": 1000}}]') from None
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise UserError(f'{source} is not a non-empty JSON list of member objects, e.g. '
+                        f'[{{"name": "at-1", "seed": 1, "beta": 1000}}]')
+    return members
+
+
+def check_name(name, names):
+    if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or '\\' in name:
+        raise UserError(f'--cohort member name {name!r} is not a folder name; give each member a '
+                        f'"name" such as "at-1" (its run goes to <--save>/<name>/)')
+    if name in names:
+        raise UserError(f'--cohort names two members {name!r}; each member needs its own "name"')
+
+
+def member_runs(opt, rules, teacher_flag):
+    """The option namespace of each run this command trains, each checked with the script's
+    rules. Seeds may still be None here (drawn later)."""
+    if not opt.cohort:
+        return [opt]
+    if opt.compile_mode == 'reduce-overhead':
+        raise UserError('--compile_mode reduce-overhead records CUDA graphs for one run; use '
+                        '--compile_mode default with --cohort')
+    if opt.resume and os.path.normpath(opt.resume) != os.path.normpath(opt.save):
+        raise UserError(f'--cohort resumes every member from its own folder: pass the cohort\'s '
+                        f'directory, --resume {opt.save}, not --resume {opt.resume}')
+    runs, names = [], set()
+    for member in read_members(opt.cohort):
+        name = member.get('name')
+        check_name(name, names)
+        names.add(name)
+        unknown = sorted(set(member) - {'name', *MEMBER_OPTIONS})
+        if unknown:
+            raise UserError(f'--cohort member {name!r} has unknown key {unknown[0]!r}; a member may set '
+                            f'"name" and {", ".join(MEMBER_OPTIONS)}; the rest comes from the command line')
+        run = argparse.Namespace(**{**vars(opt), **{k: v for k, v in member.items() if k != 'name'}})
+        run.save = os.path.join(opt.save, name)
+        # A member resumes from its own checkpoint when it has one (it may not have finished an
+        # epoch before the cohort stopped).
+        run.resume = os.path.join(run.save, CHECKPOINT) if opt.resume and os.path.isfile(
+            os.path.join(run.save, CHECKPOINT)) else ''
+        run.cohort = opt.save  # each line names the cohort its run belonged to
+        try:
+            check_run_options(run, rules, teacher_flag)
+        except UserError as e:
+            raise UserError(f'--cohort member {name!r}: {e}') from None
+        runs.append(run)
+    return runs
+
+
+def check_run_dir(run):
+    """A run's directory is new, or the run being resumed: never append to another run's log."""
+    existing = [n for n in (LOG, CHECKPOINT) if os.path.exists(os.path.join(run.save, n))]
+    if existing and not run.resume:
+        if run.cohort:
+            how = f'pass --resume {run.cohort} to continue the cohort'
+            if CHECKPOINT not in existing:
+                how = f'its {LOG} has no {CHECKPOINT} beside it; move the folder away'
+        else:
+            how = f'pass --resume {os.path.join(run.save, CHECKPOINT)} to continue it'
+        raise UserError(f'{run.save} already holds a run ({", ".join(existing)}); {how} or choose '
+                        f'another --save')
+    if run.resume:
+        return load_checkpoint(run.resume)  # fail now, before anything is created, if unreadable
+
+
+def resolve_seeds(opt, runs, states):
+    """Every run's seed: given, the one a resumed run was started with, or drawn (and logged).
+    The data stream's seed defaults to the single run's seed or the first member's."""
+    for run, state in zip(runs, states):
+        if run.seed is None:
+            run.seed = (state or {}).get('options', {}).get('seed')
+        if run.seed is None:
+            run.seed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+    if opt.data_seed is None:
+        resumed = (states[0] or {}).get('options', {}).get('data_seed')
+        opt.data_seed = resumed if resumed is not None else runs[0].seed
+    if not opt.cohort:
+        opt.seed = runs[0].seed
+    for run in runs:
+        run.data_seed = opt.data_seed
+
+
+def seed_generators(seed):
+    """Seeds every generator a run draws from while it builds its networks."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def start_runs(opt, rules, teacher_flag):
+    """What every command does before it loads data: report its options, refuse bad ones and
+    occupied run directories before anything is written, join torchrun's processes, settle the
+    seeds. Returns the device and the option namespace of each run."""
+    if distributed.is_main():
+        print('parsed options:', vars(opt))
+    runs = member_runs(opt, rules, teacher_flag)
+    states = [check_run_dir(run) for run in runs]
+    device = choose_device(opt)
+    resolve_seeds(opt, runs, states)
+    return device, runs

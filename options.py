@@ -1,0 +1,300 @@
+"""What every option of cifar.py and imagenet.py accepts, checked before anything is loaded or
+written.
+
+`RULES` maps each flag both scripts share to a rule: the type its value must have, a predicate,
+and the accepted range in words, from which the one-line error is made; `CIFAR_RULES` and
+`IMAGENET_RULES` add the flags of each script. `check_option(flag, value)` applies one rule to
+one value, so options that arrive some other way than the command line (numbers read from JSON,
+say) meet the same rules. `check_options` applies a script's whole table, then the checks that
+involve several flags; `check_paths` looks at the files and folders the options name without
+reading any data or writing anything.
+"""
+import json
+import math
+import os
+import re
+from collections import namedtuple
+
+from checkpoint import CHECKPOINT, LOG, read_log
+from data import NUM_CLASSES
+from errors import UserError
+from resnet import IMAGENET_BLOCKS, wrn_block_count
+from transfer import NEEDS_TEACHER, WEIGHT_FLAGS, add_transfer_loss_arguments, double_backward
+from utils import DTYPES
+
+Kind = namedtuple('Kind', 'types name')
+# bool is an int to Python, but `--alpha true` in JSON is a mistake, not the number 1.
+NUMBER = Kind((int, float), 'a number')
+INTEGER = Kind((int,), 'a whole number')
+OPTIONAL_INTEGER = Kind((int, type(None)), 'a whole number')
+TEXT = Kind((str,), 'text')
+SWITCH = Kind((bool,), 'true or false')
+
+Rule = namedtuple('Rule', 'kind test problem accepted')
+
+
+def choice(values):
+    return Rule(TEXT, lambda v: v in values, 'is not one of the choices', f'use one of {", ".join(values)}')
+
+
+ANY_TEXT = Rule(TEXT, lambda v: True, '', '')
+SWITCH_RULE = Rule(SWITCH, lambda v: True, '', '')
+LOSS_WEIGHT = Rule(NUMBER, lambda v: v >= 0, 'is negative', 'a loss weight is 0 (off) or positive')
+# numpy's legacy generator takes seeds below 2**32, and the loaders seed torch generators with
+# seed * 100003 + epoch, which must stay below 2**64: 2**32 keeps both. A drawn seed is below 2**31.
+SEED_LIMIT = 2 ** 32
+# CUDA_VISIBLE_DEVICES entries: indices (-1 hides every GPU) or GPU/MIG UUIDs.
+GPU = r'(-?\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)'
+GPU_IDS = re.compile(f'{GPU}(,{GPU})*')
+
+
+def epoch_steps(text):
+    """The epochs of an --epoch_step text, or None unless it is a JSON list of strictly
+    increasing epochs >= 1. Epochs count from 1, so a step at 0 would only rescale --lr; a
+    repeated epoch would decay twice at once and an unsorted list is most likely a typo, so both
+    are refused rather than guessed at."""
+    try:
+        steps = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(steps, list) or not all(type(s) is int and s >= 1 for s in steps):
+        return None
+    return steps if all(a < b for a, b in zip(steps, steps[1:])) else None
+
+
+def teacher_name(name):
+    """No teacher, or a run under logs/: relative, and never leaving logs/ (table1.sh nests
+    runs in folders, so a name may hold slashes)."""
+    return name == '' or not os.path.isabs(name) and '..' not in name.split('/') and os.path.normpath(name) != '.'
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags both scripts share
+
+def add_common_arguments(p):
+    """The flags cifar.py and imagenet.py share, with the reference code's defaults."""
+    p.add_argument('--temperature', default=4, type=float)
+    p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
+    p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
+    add_transfer_loss_arguments(p)
+    p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
+    p.add_argument('--data_seed', default=None, type=int,
+                   help="seed of the batches' order and augmentation (default: --seed, or the first "
+                        "cohort member's seed)")
+    p.add_argument('--cohort', default='', type=str, metavar='MEMBERS',
+                   help='train several students of one teacher in lock-step: a JSON list (or @file) '
+                        'of {"name": ..., "seed": ..., "beta": ...}; each member runs in <--save>/<name>/')
+    # Speed
+    p.add_argument('--reference', action='store_true',
+                   help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
+                        'channels_last where the hardware is fast at them)')
+    p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
+                   help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
+    p.add_argument('--compile_mode', default='default', choices=['default', 'reduce-overhead'],
+                   help='torch.compile mode; reduce-overhead replays the step as a CUDA graph')
+    p.add_argument('--deterministic', action='store_true',
+                   help='deterministic GPU kernels: a resumed run repeats an uninterrupted one bit '
+                        'for bit on CUDA too (slower)')
+    # Device options
+    p.add_argument('--cuda', action='store_true', help='require a GPU (one is used whenever present)')
+    p.add_argument('--save', default='', type=str, help='save parameters and logs in this folder')
+    p.add_argument('--ngpu', default=1, type=int, help='number of GPUs to use for training')
+    p.add_argument('--gpu_id', default='', type=str,
+                   help='GPU id(s) to use, e.g. 0 or 0,1; sets CUDA_VISIBLE_DEVICES (default: '
+                        'leave it as it is)')
+
+
+# Flags of both scripts.
+RULES = {
+    'dtype': choice(sorted(DTYPES)),
+    'nthread': Rule(INTEGER, lambda v: v >= 0, 'is negative', 'use 0 (decode in this process) or more'),
+    'batch_size': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use a batch of at least one image, e.g. 128'),
+    'lr': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use a learning rate > 0, e.g. 0.1'),
+    'epochs': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use at least 1 epoch'),
+    'weight_decay': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight decay, e.g. 5e-4'),
+    'epoch_step': Rule(TEXT, lambda v: epoch_steps(v) is not None,
+                       'is not a JSON list of strictly increasing epochs >= 1',
+                       'use e.g. "[60,120,160]", or "[]" to keep --lr constant'),
+    'lr_decay_ratio': Rule(NUMBER, lambda v: v > 0, 'is not positive',
+                           'use a ratio > 0, e.g. 0.2, or 1 to keep --lr constant'),
+    'resume': ANY_TEXT,
+    'temperature': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use a KD temperature T > 0, e.g. 4'),
+    'alpha': Rule(NUMBER, lambda v: 0 <= v <= 1, 'is outside [0, 1]',
+                  'the loss is alpha * KD + (1 - alpha) * cross-entropy; use e.g. 0.9, or 0 for no KD'),
+    **{name: LOSS_WEIGHT for name in WEIGHT_FLAGS},
+    'at_p': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'the paper uses 1, 2 or 4'),
+    'at_form': choice(['code', 'paper']),
+    'beta_decay': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use e.g. 0.1, or 1 for no decay'),
+    'seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
+                 f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --seed out to draw one'),
+    'data_seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
+                      f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --data_seed out'),
+    'cohort': ANY_TEXT,  # its members are checked one by one (cohort.py)
+    'reference': SWITCH_RULE,
+    'compile': choice(['auto', 'on', 'off']),
+    'compile_mode': choice(['default', 'reduce-overhead']),
+    'deterministic': SWITCH_RULE,
+    'cuda': SWITCH_RULE,
+    'save': ANY_TEXT,
+    'ngpu': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use 1, or the number of GPUs to split each batch over'),
+    'gpu_id': Rule(TEXT, lambda v: v == '' or GPU_IDS.fullmatch(v) is not None,
+                   'is not a comma-separated list of GPU ids', 'use e.g. 0 or 0,1'),
+}
+
+CIFAR_RULES = {
+    'depth': Rule(INTEGER, lambda v: wrn_block_count(v) is not None, 'is not 6n+4 (n >= 1)',
+                  'use e.g. 16, 22, 28 or 40'),
+    # The first group of a WRN has 16 * width channels.
+    'width': Rule(NUMBER, lambda v: v > 0 and int(16 * v) >= 1, 'gives no channels',
+                  'use a positive width such as 1 or 2'),
+    'dataset': choice(sorted(NUM_CLASSES)),
+    'dataroot': ANY_TEXT,
+    'teacher_id': Rule(TEXT, teacher_name, 'is not a run name under logs/',
+                       'use a relative name without "..", e.g. wrn16-2 or table1/teacher_wrn16-2'),
+    # Reflect padding mirrors pixels inside the image, so it cannot be as wide as the image.
+    'randomcrop_pad': Rule(NUMBER, lambda v: v == int(v) and 0 <= v < 32, 'is not a whole number in [0, 32)',
+                           'use 0 (no crop) up to 31 pixels of padding on the 32x32 images, e.g. 4'),
+    **RULES,
+}
+
+IMAGENET_RULES = {
+    'imagenetpath': Rule(TEXT, lambda v: v != '', 'is required',
+                         'name a folder with train/<class>/ and val/<class>/ images'),
+    'depth': Rule(INTEGER, lambda v: v in IMAGENET_BLOCKS, 'is not an ImageNet ResNet here', 'use 18 or 34'),
+    # The stem of a ResNet has 64 * width channels.
+    'width': Rule(NUMBER, lambda v: v > 0 and int(64 * v) >= 1, 'gives no channels',
+                  'use a positive width such as 1'),
+    'teacher_params': ANY_TEXT,
+    **RULES,
+}
+
+
+def shown(value):
+    if isinstance(value, str):
+        return f' {value!r}' if value else ''
+    return f' {value}'
+
+
+def check_option(flag, value, rules=RULES):
+    """Returns `value` if the rule of --flag accepts it; otherwise raises a one-line UserError
+    naming the flag, the value and what is accepted."""
+    if flag not in rules:
+        raise UserError(f'{flag!r} is not an option here; known options: {", ".join(sorted(rules))}')
+    rule = rules[flag]
+    if not isinstance(value, rule.kind.types) or (isinstance(value, bool) and bool not in rule.kind.types):
+        problem = f'is not {rule.kind.name}'
+    elif isinstance(value, float) and not math.isfinite(value):
+        problem = 'is not a finite number'
+    elif not rule.test(value):
+        problem = rule.problem
+    else:
+        return value
+    raise UserError(f'--{flag}{shown(value)} {problem}; {rule.accepted}')
+
+
+def check_options(opt, rules, teacher_flag):
+    """Refuses, before anything is loaded or written, any option outside its rule and the
+    combinations that cannot train; for a cohort, the same for every member's options."""
+    check_run_options(opt, rules, teacher_flag)
+    if opt.cohort:
+        from cohort import member_runs  # cohort.py checks each member with check_run_options
+        member_runs(opt, rules, teacher_flag)
+
+
+def check_run_options(opt, rules, teacher_flag):
+    for flag in rules:
+        check_option(flag, getattr(opt, flag), rules)
+    check_transfer_options(opt, bool(getattr(opt, teacher_flag)), '--' + teacher_flag)
+
+
+def check_transfer_options(opt, has_teacher, teacher_flag):
+    """Refuses, before anything runs, combinations that cannot train."""
+    for name in (*WEIGHT_FLAGS, 'at_p', 'beta_decay'):
+        check_option(name, getattr(opt, name))
+    for name in NEEDS_TEACHER:
+        if getattr(opt, name) and not has_teacher:
+            raise UserError(f'--{name} compares the student with a teacher; give {teacher_flag} or drop --{name}')
+    if double_backward(opt):
+        if opt.compile == 'on':
+            raise UserError('--grad_beta and --sym_beta differentiate twice, which torch.compile '
+                            'cannot; use --compile auto or off')
+        if opt.ngpu > 1:
+            raise UserError('--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu; '
+                            'use torchrun with one process per GPU and --ngpu 1')
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders the options name
+
+def check_paths(opt):
+    """Looks at what --save, --resume, the teacher flag and the data flag name, reading no data
+    and writing nothing, so that a run which cannot finish stops before it loads anything."""
+    check_save(opt.save)
+    if opt.resume and not opt.cohort:  # a cohort resumes from its directory (cohort.py)
+        check_resume(opt.resume)
+    if getattr(opt, 'teacher_id', ''):
+        check_teacher_run(opt.teacher_id)
+    if getattr(opt, 'teacher_params', ''):
+        check_teacher_file(opt.teacher_params)
+    for flag in ('dataroot', 'imagenetpath'):
+        if getattr(opt, flag, ''):
+            check_folder(flag, getattr(opt, flag))
+
+
+def nearest_existing(path):
+    """`path` itself or its closest existing parent."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_save(save):
+    if not save:
+        raise UserError('--save is required: name a directory for the log and checkpoint, '
+                        'e.g. --save logs/wrn16-1')
+    where = f"name a directory for the run's {LOG} and {CHECKPOINT}, e.g. --save logs/wrn16-1"
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise UserError(f'--save {save} is a file; {where}')
+    existing = nearest_existing(save)
+    if not os.path.isdir(existing):
+        raise UserError(f'--save {save} lies inside {existing}, which is a file; {where}')
+    # The first checkpoint is written after an epoch: find out now that it cannot be.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'--save {save} cannot be written: {existing} is not writable; {where}')
+
+
+def check_resume(path):
+    if os.path.isdir(path):
+        raise UserError(f'--resume {path} is a directory; pass the checkpoint in it, '
+                        f'--resume {os.path.join(path, CHECKPOINT)}')
+    if not os.path.isfile(path):
+        raise UserError(f'--resume {path} does not exist; pass the {CHECKPOINT} of an earlier run')
+
+
+def check_teacher_run(teacher_id):
+    """cifar.py's teacher is a finished run: logs/<id>/ with a readable log and a checkpoint."""
+    run_dir = os.path.join('logs', teacher_id)
+    if not os.path.isdir(run_dir):
+        raise UserError(f'teacher {run_dir} does not exist; train the teacher with '
+                        f'--save {run_dir} first or fix --teacher_id')
+    read_log(run_dir)  # small; a damaged log is better reported now than after loading the data
+    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        raise UserError(f'teacher {run_dir} has no {CHECKPOINT}; let the teacher finish an epoch '
+                        f'or fix --teacher_id')
+
+
+def check_teacher_file(path):
+    what = 'pass a torchvision resnet18/34 state dict, the BN-folded export or a model.pt7 as --teacher_params'
+    if os.path.isdir(path):
+        raise UserError(f'teacher weights {path} is a directory; {what}')
+    if not os.path.isfile(path):
+        raise UserError(f'teacher weights {path} do not exist; {what}')
+
+
+def check_folder(flag, path):
+    """A data folder may be missing (cifar.py downloads CIFAR into it), but not be a file."""
+    existing = nearest_existing(path)
+    if not os.path.isdir(existing):
+        where = 'is a file' if existing == os.path.abspath(path) else f'lies inside {existing}, which is a file'
+        raise UserError(f'--{flag} {path} {where}; pass the folder that holds the data')
