@@ -27,7 +27,7 @@ LOG=$OUT/stages.log
 : > "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-note() { echo "$*" | tee -a "$SUMMARY"; }
+note() { echo "$*" >> "$SUMMARY"; }
 
 stage() {  # stage NAME SECONDS command...: runs it for at most SECONDS or the budget left
   local name=$1 limit=$2 left; shift 2
@@ -37,7 +37,7 @@ stage() {  # stage NAME SECONDS command...: runs it for at most SECONDS or the b
     return 1
   fi
   ((limit > left)) && limit=$left
-  echo "===== $name (limit ${limit}s) =====" >> "$LOG"
+  echo "===== $name (limit ${limit}s) =====" | tee -a "$LOG"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
@@ -60,11 +60,11 @@ fi
 note "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 note ""
 note '```'
-nvidia-smi -L 2>/dev/null | tee -a "$SUMMARY"
+nvidia-smi -L >> "$SUMMARY" 2>/dev/null
 python3 -c 'import torch, torchvision, ignite, platform; print("python", platform.python_version(), "| torch",
 torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version(), "| torchvision",
 torchvision.__version__, "| ignite", ignite.__version__, "| GPU", torch.cuda.get_device_name() if
-torch.cuda.is_available() else None, "| CPUs", __import__("os").cpu_count())' 2>&1 | tee -a "$SUMMARY"
+torch.cuda.is_available() else None, "| CPUs", __import__("os").cpu_count())' >> "$SUMMARY" 2>&1
 note '```'
 GPU=$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')
 
@@ -92,24 +92,24 @@ stage "tests/test_cuda.py" 150 python3 -m pytest -q -p no:cacheprovider tests/te
 
 if [ "$GPU" = 1 ] && [ -d $DATA/cifar-10-batches-py ]; then
   rm -rf $RUNS
-  cifar() { python3 cifar.py --dataroot $DATA --nthread 8 --epoch_step '[]' "$@"; }
+  cifar=(python3 cifar.py --dataroot $DATA --nthread 8 --epoch_step '[]')
   STUDENT=(--depth 16 --width 1 --teacher_id gpu_check/teacher --beta 1e3 --alpha 0.9 --seed 1)
-  stage "teacher WRN-16-2, 1 epoch" 90 cifar --depth 16 --width 2 --epochs 1 --seed 1 --save $RUNS/teacher
-  stage "AT student, default path, 3 epochs" 60 cifar "${STUDENT[@]}" --epochs 3 --save $RUNS/at_default
-  stage "AT student, --reference, 3 epochs" 60 cifar "${STUDENT[@]}" --epochs 3 --reference --save $RUNS/at_reference
-  stage "AT student, --compile on, 3 epochs" 150 cifar "${STUDENT[@]}" --epochs 3 --compile on --save $RUNS/at_compiled
-  stage "WRN-16-1 alone, default path, 3 epochs" 45 cifar --depth 16 --width 1 --seed 1 --epochs 3 --save $RUNS/plain_default
-  stage "WRN-16-1 alone, --compile on, 3 epochs" 120 cifar --depth 16 --width 1 --seed 1 --epochs 3 --compile on \
+  stage "teacher WRN-16-2, 1 epoch" 90 "${cifar[@]}" --depth 16 --width 2 --epochs 1 --seed 1 --save $RUNS/teacher
+  stage "AT student, default path, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --save $RUNS/at_default
+  stage "AT student, --reference, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --reference --save $RUNS/at_reference
+  stage "AT student, --compile on, 3 epochs" 150 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --compile on --save $RUNS/at_compiled
+  stage "WRN-16-1 alone, default path, 3 epochs" 45 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --save $RUNS/plain_default
+  stage "WRN-16-1 alone, --compile on, 3 epochs" 120 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --compile on \
     --save $RUNS/plain_compiled
   stage "original pipeline, AT, 2 epochs" 120 python3 benchmarks/epoch_speed.py --dataroot $DATA --mode at \
     --train_images 50000 --test_images 10000 --epochs 2 --nthread 8 --only original
   COHORT=$(python3 -c 'import json; print(json.dumps([dict(name=f"{n}_seed{s}", seed=s, **w) for n, w in
     [("student", {}), ("at", {"beta": 1e3}), ("factt", {"factt_beta": 1}), ("kd", {"alpha": 0.9}),
      ("at_kd", {"alpha": 0.9, "beta": 1e3, "beta_decay": 0.2})] for s in range(1, 6)]))')
-  stage "25-student cohort (Table 1 row), 2 epochs" 150 cifar --depth 16 --width 1 --teacher_id gpu_check/teacher \
+  stage "25-student cohort (Table 1 row), 2 epochs" 150 "${cifar[@]}" --depth 16 --width 1 --teacher_id gpu_check/teacher \
     --epochs 2 --save $RUNS/cohort25 --cohort "$COHORT"
   stage "profile of the AT step, eager" 45 python3 benchmarks/profile_step.py --mode at
-  stage "AT student, --compile on --compile_mode reduce-overhead, 3 epochs" 150 cifar "${STUDENT[@]}" --epochs 3 \
+  stage "AT student, --compile on --compile_mode reduce-overhead, 3 epochs" 150 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 \
     --compile on --compile_mode reduce-overhead --save $RUNS/at_cudagraphs
   stage "profile of the AT step, compiled" 120 python3 benchmarks/profile_step.py --mode at --compile on
 else
