@@ -228,6 +228,11 @@ def make_steps(members, speed):
         # Each distinct set of loss options compiles its own train and eval graphs (and those
         # of a partial last batch).
         torch._dynamo.config.cache_size_limit = max(8, 4 * len(forwards) + 2)
+    if speed.compile and speed.compile_mode == 'reduce-overhead':
+        # A CUDA graph replays fixed addresses: the optimizer and batch norm update these
+        # tensors in place, so they can be recorded as they are instead of copied in each step.
+        for v in members[0].params.values():
+            torch._dynamo.mark_static_address(v)
 
     def layout(x):
         return x.contiguous(memory_format=torch.channels_last) if speed.channels_last else x
