@@ -1,8 +1,11 @@
-"""Wide ResNets on CIFAR-10/100, alone or as students of a trained teacher through
-activation-based attention transfer (AT) and knowledge distillation (KD).
+"""Wide ResNets (and the CRD benchmark's networks, --arch) on CIFAR-10/100, alone or as students
+of a trained teacher through activation-based attention transfer (AT) and knowledge
+distillation (KD).
 
     python cifar.py --save logs/wrn16-2 --depth 16 --width 2
     python cifar.py --save logs/at16-1 --teacher_id wrn16-2 --beta 1e3
+    python cifar.py --save logs/at8x4 --dataset CIFAR100 --arch resnet8x4 --beta 1e3 \\
+        --teacher_params resnet32x4_vanilla/ckpt_epoch_240.pth --teacher_arch resnet32x4
 
 Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
 """
@@ -10,28 +13,37 @@ import argparse
 import os
 
 import distributed
+import zoo
 
 from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_, network_params
-from data import NUM_CLASSES, Loader, check_cifar_tree, load_cifar
+from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES, Loader, check_cifar_tree, load_cifar
 from errors import UserError, reports_user_errors
 from cohort import start_runs
 from devices import uses_channels_last
-from options import CIFAR_RULES, add_common_arguments, check_options, check_paths
+from options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_options, check_paths
 from resnet import resnet
 from training import build_members, train
 from utils import print_tensor_dict, DTYPES
 
+TEACHER_FLAGS = ('teacher_id', 'teacher_params')  # either gives a run its teacher
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Wide ResNet training with attention transfer')
+    p = argparse.ArgumentParser(description='CIFAR training with attention transfer (Wide ResNets and the '
+                                            "CRD benchmark's networks)")
     # Model options
-    p.add_argument('--depth', default=16, type=int)
-    p.add_argument('--width', default=1, type=float)
+    p.add_argument('--arch', default='wrn', type=str,
+                   help=f'student network: wrn (a WRN-<depth>-<width>) or one of {", ".join(zoo.ARCHS)}')
+    p.add_argument('--depth', default=16, type=int, help='WRN depth (--arch wrn only)')
+    p.add_argument('--width', default=1, type=float, help='WRN width (--arch wrn only)')
     p.add_argument('--dataset', default='CIFAR10', type=str, choices=sorted(NUM_CLASSES))
     p.add_argument('--dataroot', default='.', type=str)
     p.add_argument('--dtype', default='float', type=str, choices=sorted(DTYPES))
     p.add_argument('--nthread', default=4, type=int, help='threads for decoding an image tree')
     p.add_argument('--teacher_id', default='', type=str, help='teacher run, read from logs/<id>/')
+    p.add_argument('--teacher_params', default='', type=str,
+                   help="teacher from a RepDistiller checkpoint (e.g. resnet32x4_vanilla/ckpt_epoch_240.pth)")
+    p.add_argument('--teacher_arch', default='', type=str, help='the network of --teacher_params')
     # Training options
     p.add_argument('--batch_size', default=128, type=int)
     p.add_argument('--lr', default=0.1, type=float)
@@ -42,14 +54,38 @@ def parse_args(argv=None):
     p.add_argument('--resume', default='', type=str,
                    help="model.pt7 to continue from (a cohort: the cohort's --save directory)")
     p.add_argument('--randomcrop_pad', default=4, type=float)
+    p.add_argument('--crop_padding', default='reflect', type=str,
+                   help=f'what the random crop pads with: {" or ".join(CROP_PADDING)} (zero: black, as RepDistiller)')
+    p.add_argument('--normalization', default='cifar10', type=str,
+                   help=f'mean/std of the input: {" or ".join(NORMALIZATION)} (cifar100: its own, as RepDistiller)')
     add_common_arguments(p)
     opt = p.parse_args(argv)
-    check_options(opt, CIFAR_RULES, 'teacher_id')
+    check_options(opt, CIFAR_RULES, TEACHER_FLAGS)
+    check_cifar_networks(opt)
     return opt
 
 
-def load_teacher(teacher_id, num_classes):
-    """The teacher of run logs/<teacher_id>/: its first log line gives depth and width."""
+def network(arch, depth, width, num_classes):
+    """(f, params): a WRN-depth-width for arch 'wrn', else the zoo's network of that name."""
+    return resnet(depth, width, num_classes) if arch == 'wrn' else zoo.network(arch, num_classes)
+
+
+def load_teacher(opt, num_classes):
+    """(f_t, params_t) of --teacher_id or --teacher_params, or None: f_t(x, params, prefix)
+    runs the teacher in inference mode."""
+    if opt.teacher_params:
+        f, params = zoo.network(opt.teacher_arch, num_classes)[0], \
+            zoo.load_repdistiller(opt.teacher_params, opt.teacher_arch, num_classes)
+    elif opt.teacher_id:
+        f, params = load_teacher_run(opt.teacher_id, num_classes)
+    else:
+        return None
+    return (lambda x, params, prefix: f(x, params, False, prefix)), params
+
+
+def load_teacher_run(teacher_id, num_classes):
+    """The network of run logs/<teacher_id>/: its first log line gives arch (a WRN when absent,
+    as in logs written before --arch), depth and width."""
     run_dir = os.path.join('logs', teacher_id)
     if not os.path.isdir(run_dir):
         raise UserError(f'teacher {run_dir} does not exist; train the teacher with '
@@ -60,13 +96,17 @@ def load_teacher(teacher_id, num_classes):
     if info.get('num_classes', num_classes) != num_classes:
         raise UserError(f'teacher {teacher_id} was trained on {info["num_classes"]} classes, this run '
                         f'has {num_classes}; pick a teacher trained on the same --dataset')
-    f, params = resnet(info['depth'], info['width'], num_classes)
+    arch = info.get('arch', 'wrn')
+    if arch != 'wrn' and arch not in zoo.ARCHS:
+        raise UserError(f'{run_dir}/log.txt records --arch {arch!r}, which this code does not know; '
+                        f'fix --teacher_id')
+    f, params = network(arch, info['depth'], info['width'], num_classes)
     path = os.path.join(run_dir, CHECKPOINT)
     # A student run's checkpoint holds both networks: its student can teach.
     copy_params_(params, network_params(load_checkpoint(path)['params']), path)
     for v in params.values():
         v.requires_grad_(False)
-    return (lambda x, params, prefix: f(x, params, False, prefix)), params
+    return f, params
 
 
 @reports_user_errors
@@ -74,19 +114,19 @@ def main(argv=None):
     opt = parse_args(argv)
     check_paths(opt)
     check_cifar_tree(opt.dataroot, opt.dataset)  # lists folders only: nothing is decoded yet
-    device, runs = start_runs(opt, CIFAR_RULES, 'teacher_id')
+    device, runs = start_runs(opt, CIFAR_RULES, TEACHER_FLAGS)
     num_classes = NUM_CLASSES[opt.dataset]
 
     train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread)
     test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread)
-    layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt))
+    layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt), normalization=opt.normalization)
     train_loader = Loader(train_images.to(device), train_labels.to(device), opt.batch_size, train=True,
-                          pad=int(opt.randomcrop_pad), seed=opt.data_seed, **layout)
+                          pad=int(opt.randomcrop_pad), padding=opt.crop_padding, seed=opt.data_seed, **layout)
     test_loader = Loader(test_images.to(device), test_labels.to(device), opt.batch_size, train=False,
                          **layout)
 
-    teacher = load_teacher(opt.teacher_id, num_classes) if opt.teacher_id else None
-    members = build_members(runs, lambda: resnet(opt.depth, opt.width, num_classes), teacher,
+    teacher = load_teacher(opt, num_classes)
+    members = build_members(runs, lambda: network(opt.arch, opt.depth, opt.width, num_classes), teacher,
                             image_size=32, device=device, channels_last=layout['channels_last'])
     if distributed.is_main():
         print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])

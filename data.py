@@ -16,9 +16,14 @@ import distributed
 from errors import UserError
 
 # Per-channel statistics of the CIFAR-10 training set on the 0..255 scale, as in the reference
-# code; used for CIFAR-100 too.
+# code; used for CIFAR-100 too unless --normalization cifar100 asks for CIFAR-100's own, which
+# the CRD benchmark (RepDistiller) uses, given there on the 0..1 scale.
 MEAN = (125.3, 123.0, 113.9)
 STD = (63.0, 62.1, 66.7)
+NORMALIZATION = {'cifar10': (MEAN, STD),
+                 'cifar100': (tuple(255 * m for m in (0.5071, 0.4867, 0.4408)),
+                              tuple(255 * s for s in (0.2675, 0.2565, 0.2761)))}
+CROP_PADDING = ('reflect', 'zero')
 NUM_CLASSES = {'CIFAR10': 10, 'CIFAR100': 100}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm')
 
@@ -171,18 +176,25 @@ def reflect(index, size):
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def random_crop_flip(x, pad, generator):
-    """Reflect-pad by `pad`, crop back to the original size at a random offset and mirror
-    with p = 0.5, independently per image, in one gather over the uint8 batch."""
+def random_crop_flip(x, pad, generator, padding='reflect'):
+    """Pad by `pad` (reflect, or zero: black pixels, as torchvision's RandomCrop(padding=pad)),
+    crop back to the original size at a random offset and mirror with p = 0.5, independently
+    per image, in one gather over the uint8 batch. Both paddings draw the same offsets."""
     B, C, H, W = x.shape
     dev = x.device
     oy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
     ox = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator, device=dev)
     flip = torch.randint(0, 2, (B, 1), generator=generator, device=dev).bool()
     i, j = torch.arange(H, device=dev), torch.arange(W, device=dev)
-    rows = reflect(oy - pad + i, H)
-    cols = reflect(ox - pad + torch.where(flip, W - 1 - j, j), W)
+    rows, cols = oy - pad + i, ox - pad + torch.where(flip, W - 1 - j, j)
+    if padding == 'reflect':
+        rows, cols = reflect(rows, H), reflect(cols, W)
+    else:
+        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
     out = x[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    if padding == 'zero':
+        out = out * inside[..., None]
     return out.permute(0, 3, 1, 2)
 
 
@@ -197,13 +209,14 @@ class Loader:
     step computes in (channels_last or NCHW), so none is converted twice."""
 
     def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32,
-                 channels_last=False):
+                 channels_last=False, padding='reflect', normalization='cifar10'):
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
-        self.dtype, self.channels_last = dtype, channels_last
+        self.dtype, self.channels_last, self.padding = dtype, channels_last, padding
         dev = images.device
-        self.mean = torch.tensor(MEAN, device=dev, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=dev, dtype=dtype).view(1, 3, 1, 1)
+        mean, std = NORMALIZATION[normalization]
+        self.mean = torch.tensor(mean, device=dev, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=dev, dtype=dtype).view(1, 3, 1, 1)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -224,7 +237,7 @@ class Loader:
             idx = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
             x = self.images[idx]
             if self.train and self.pad > 0:
-                x = random_crop_flip(x, self.pad, gen)  # drawn even when skipped: keeps gen in step
+                x = random_crop_flip(x, self.pad, gen, self.padding)  # drawn even when skipped: keeps gen in step
             if b < skip:
                 continue
             share = distributed.share(len(x))

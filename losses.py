@@ -28,16 +28,32 @@ def at(x, p=2):
     return F.normalize(a.mean(1).flatten(1))
 
 
+def same_resolution(x, y):
+    """Two activations at one spatial size: the larger is average-pooled down to the smaller,
+    the CRD benchmark's rule (RepDistiller) for pairs of different architectures, whose groups
+    may end at different resolutions (ShuffleNet's at 16, 8, 4 against ResNet's 32, 16, 8).
+    The activations are pooled, not the maps, as RepDistiller does, so that AT figures of such
+    pairs compare with its own."""
+    if x.shape[2:] == y.shape[2:]:
+        return x, y
+    x, y = at_least_fp32(x), at_least_fp32(y)
+    if x.shape[2] > y.shape[2]:
+        return F.adaptive_avg_pool2d(x, y.shape[2:]), y
+    return x, F.adaptive_avg_pool2d(y, x.shape[2:])
+
+
 def at_loss(x, y, p=2):
     """Squared difference of the two normalised attention maps, averaged over batch and
     positions: the reference code's form, for which beta = 1e3 in the paper's experiments is
-    calibrated (the default)."""
+    calibrated (the default). Maps of different sizes meet at the smaller (same_resolution)."""
+    x, y = same_resolution(x, y)
     return (at(x, p) - at(y, p)).pow(2).mean()
 
 
 def at_loss_paper(x, y, p=2):
     """Eq. 2 as printed: || Q_s/||Q_s||_2 - Q_t/||Q_t||_2 ||_2 for each sample, averaged over
     the batch; the paper's beta/2 is applied as the weight."""
+    x, y = same_resolution(x, y)
     return (at(x, p) - at(y, p)).norm(dim=1).mean()
 
 

@@ -16,11 +16,12 @@ import re
 from collections import namedtuple
 
 from checkpoint import CHECKPOINT, LOG, read_log
-from data import NUM_CLASSES
+from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
 from errors import UserError
 from resnet import IMAGENET_BLOCKS, wrn_block_count
 from transfer import NEEDS_TEACHER, WEIGHT_FLAGS, add_transfer_loss_arguments, double_backward
 from utils import DTYPES
+from zoo import ARCHS
 
 Kind = namedtuple('Kind', 'types name')
 # bool is an int to Python, but `--alpha true` in JSON is a mistake, not the number 1.
@@ -154,6 +155,13 @@ CIFAR_RULES = {
     # Reflect padding mirrors pixels inside the image, so it cannot be as wide as the image.
     'randomcrop_pad': Rule(NUMBER, lambda v: v == int(v) and 0 <= v < 32, 'is not a whole number in [0, 32)',
                            'use 0 (no crop) up to 31 pixels of padding on the 32x32 images, e.g. 4'),
+    'crop_padding': choice(CROP_PADDING),
+    'normalization': choice(sorted(NORMALIZATION)),
+    'arch': Rule(TEXT, lambda v: v == 'wrn' or v in ARCHS, 'is not a network here',
+                 f'use wrn (sized by --depth and --width) or one of {", ".join(ARCHS)}'),
+    'teacher_arch': Rule(TEXT, lambda v: v == '' or v in ARCHS, 'is not a network of the CRD benchmark',
+                         f'name the network of --teacher_params: one of {", ".join(ARCHS)}'),
+    'teacher_params': ANY_TEXT,  # with --teacher_arch: check_cifar_networks
     **RULES,
 }
 
@@ -202,9 +210,31 @@ def check_options(opt, rules, teacher_flag):
 
 
 def check_run_options(opt, rules, teacher_flag):
+    """`teacher_flag` names the flag that gives a teacher, or a tuple of flags that each can."""
     for flag in rules:
         check_option(flag, getattr(opt, flag), rules)
-    check_transfer_options(opt, bool(getattr(opt, teacher_flag)), '--' + teacher_flag)
+    flags = (teacher_flag,) if isinstance(teacher_flag, str) else teacher_flag
+    check_transfer_options(opt, any(getattr(opt, f) for f in flags), ' or '.join('--' + f for f in flags))
+
+
+def check_cifar_networks(opt):
+    """cifar.py's networks: --depth and --width size only the WRN of --arch wrn, and a teacher
+    is either a run here (--teacher_id) or a RepDistiller checkpoint with its architecture
+    (--teacher_params and --teacher_arch), which does not record the network it holds."""
+    if opt.arch != 'wrn':
+        for flag, default in (('depth', 16), ('width', 1)):
+            if getattr(opt, flag) != default:
+                raise UserError(f'--{flag} sizes the Wide ResNet of --arch wrn, but --arch {opt.arch} is a '
+                                f'fixed network; drop --{flag} {getattr(opt, flag):g}, or use --arch wrn')
+    if opt.teacher_params and opt.teacher_id:
+        raise UserError('--teacher_id and --teacher_params both name a teacher; give one: a run here '
+                        '(--teacher_id) or a RepDistiller checkpoint (--teacher_params with --teacher_arch)')
+    if opt.teacher_params and not opt.teacher_arch:
+        raise UserError(f'--teacher_params {opt.teacher_params} needs --teacher_arch: a RepDistiller '
+                        f'checkpoint does not say which network it holds; add e.g. --teacher_arch resnet32x4')
+    if opt.teacher_arch and not opt.teacher_params:
+        raise UserError(f'--teacher_arch {opt.teacher_arch} names the network of a --teacher_params file, '
+                        f'and none is given; add --teacher_params FILE or drop --teacher_arch')
 
 
 def check_transfer_options(opt, has_teacher, teacher_flag):
@@ -235,7 +265,8 @@ def check_paths(opt):
     if getattr(opt, 'teacher_id', ''):
         check_teacher_run(opt.teacher_id)
     if getattr(opt, 'teacher_params', ''):
-        check_teacher_file(opt.teacher_params)
+        check_teacher_file(opt.teacher_params, REPDISTILLER_TEACHER if hasattr(opt, 'teacher_arch') else
+                           IMAGENET_TEACHER)
     for flag in ('dataroot', 'imagenetpath'):
         if getattr(opt, flag, ''):
             check_folder(flag, getattr(opt, flag))
@@ -284,8 +315,11 @@ def check_teacher_run(teacher_id):
                         f'or fix --teacher_id')
 
 
-def check_teacher_file(path):
-    what = 'pass a torchvision resnet18/34 state dict, the BN-folded export or a model.pt7 as --teacher_params'
+IMAGENET_TEACHER = 'pass a torchvision resnet18/34 state dict, the BN-folded export or a model.pt7 as --teacher_params'
+REPDISTILLER_TEACHER = 'pass a RepDistiller checkpoint such as resnet32x4_vanilla/ckpt_epoch_240.pth as --teacher_params'
+
+
+def check_teacher_file(path, what):
     if os.path.isdir(path):
         raise UserError(f'teacher weights {path} is a directory; {what}')
     if not os.path.isfile(path):

@@ -25,10 +25,12 @@ NOT_CONFIGURATION = {'seed', 'data_seed', 'save', 'resume', 'cohort', 'dataroot'
 # Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
 PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_parameters',
              'train_time', 'test_time', 'at_losses', 'loss_weights', 'gpu_memory_mib'}
-# Transfer options at these values change nothing: runs logged before the options existed, and
-# runs that leave them alone, are one configuration.
+# Options at these values do what the code did before they existed: runs logged before the
+# options existed, and runs that leave them alone, are one configuration.
 NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_beta': 0,
-           'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0}
+           'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0,
+           'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
+           'teacher_params': ''}
 # The weights of the terms that compare the student with its teacher.
 TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta')
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
@@ -122,6 +124,8 @@ def describe_run(run_dir, records):
 def student_name(o):
     if 'imagenetpath' in o:
         return f'ResNet-{o.get("depth", "?")}' + (f' x{o["width"]:g}' if o.get('width', 1) != 1 else '')
+    if o.get('arch', 'wrn') != 'wrn':  # a network of the CRD benchmark, by its name there
+        return o['arch']
     return f'WRN-{o.get("depth", "?")}-{o.get("width", 1):g}'
 
 
@@ -130,6 +134,8 @@ def teacher_name(o):
         return '-'
     if o.get('teacher_id'):
         return o['teacher_id']
+    if o.get('teacher_arch'):  # RepDistiller's files are all ckpt_epoch_240.pth: name the network
+        return f'{o["teacher_arch"]} (RepDistiller)'
     if o.get('teacher_params'):
         return os.path.basename(o['teacher_params'])
     return '-'

@@ -4,7 +4,8 @@
 
     cross_entropy                 student alone
     distillation                  with a teacher: KD (--alpha, --temperature; plain CE at alpha 0)
-    at0, at1, ...                 attention transfer on each group (--beta, --at_p, --at_form)
+    at0, at1, ...                 attention transfer on each group (--beta, --at_p, --at_form); a
+                                  larger group is pooled to the other's size (losses.same_resolution)
     grad_at                       gradient-based AT (--grad_beta)
     symmetry                      flip symmetry of the student's input gradient (--sym_beta)
     factt0, factt1, ...           full-activation transfer on each group (--factt_beta)

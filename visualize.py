@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import data
 import imagenet_data
+import zoo
 from checkpoint import CHECKPOINT, load_checkpoint, copy_params_, read_log, network_params
 from errors import UserError, reports_user_errors
 from resnet import resnet, define_student, define_teacher
@@ -69,7 +70,8 @@ def top1(acc):
 
 # ----------------------------------------------------------------------------------------------
 # CIFAR runs (cifar.py): Wide ResNets whose depth and width are read from the tensor shapes, so
-# neither the teacher's run directory nor its log is needed.
+# neither the teacher's run directory nor its log is needed; the CRD benchmark's networks
+# (--arch) by the names the logs record.
 
 def wrn_from_params(params, source):
     """A CIFAR WRN in eval mode holding `params`: (name, x -> (logits, groups))."""
@@ -85,11 +87,33 @@ def wrn_from_params(params, source):
     return f'WRN-{depth}-{width:g}', lambda x: f(x, own, False)
 
 
-def cifar_networks(params, source):
+def zoo_from_params(arch, params, source):
+    """A network of the CRD benchmark (cifar.py --arch) in eval mode holding `params`."""
+    if 'fc.weight' not in params:
+        raise UserError(f'{source} holds no {arch} (no tensor fc.weight)')
+    f, own = zoo.network(arch, params['fc.weight'].shape[0])
+    copy_params_(own, params, source)
+    return arch, lambda x: f(x, own, False)
+
+
+def teacher_arch(record):
+    """The teacher's network: logged with a RepDistiller teacher, else in the log of the teacher's
+    run (read relative to the working directory, as cifar.py reads it), else a WRN."""
+    if record.get('teacher_arch'):
+        return record['teacher_arch']
+    run_dir = os.path.join('logs', record.get('teacher_id') or '')
+    if record.get('teacher_id') and os.path.isfile(os.path.join(run_dir, 'log.txt')):
+        return read_log(run_dir)[0].get('arch', 'wrn')
+    return 'wrn'
+
+
+def cifar_networks(params, source, record):
     student, teacher = split_checkpoint(params)
-    nets = [wrn_from_params(student, source)]
-    if teacher:
-        nets.append(wrn_from_params(teacher, source + ' (teacher)'))
+    nets = []
+    for arch, tensors, name in ((record.get('arch', 'wrn'), student, source),
+                                (teacher_arch(record), teacher, source + ' (teacher)')):
+        if tensors:
+            nets.append(wrn_from_params(tensors, name) if arch == 'wrn' else zoo_from_params(arch, tensors, name))
     return nets
 
 
@@ -106,12 +130,13 @@ def cifar_class_names(dataroot, dataset):
         return None  # labels are then shown as numbers
 
 
-def cifar_images(dataroot, dataset, n, threads):
+def cifar_images(dataroot, dataset, n, threads, normalization='cifar10'):
     """(uint8 images N x 3 x 32 x 32, normalised float images, labels, class names)."""
     images, labels = data.load_cifar(dataroot, dataset, False, threads)
     pick = evenly_spread(len(images), n, 'test images')
     images, labels = images[pick], labels[pick]
-    return images, normalise(images, data.MEAN, data.STD), labels, cifar_class_names(dataroot, dataset)
+    return (images, normalise(images, *data.NORMALIZATION[normalization]), labels,
+            cifar_class_names(dataroot, dataset))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,10 +243,10 @@ def main(argv=None):
         nets = imagenet_networks(params, record, source)
         images, x, labels, class_names = imagenet_images(opt.dataroot or record['imagenetpath'], opt.n)
     else:
-        nets = cifar_networks(params, source)
+        nets = cifar_networks(params, source, record)
         dataroot = opt.dataroot or record.get('dataroot', record.get('data_root', '.'))
         images, x, labels, class_names = cifar_images(dataroot, record.get('dataset', 'CIFAR10'),
-                                                      opt.n, opt.nthread)
+                                                      opt.n, opt.nthread, record.get('normalization', 'cifar10'))
 
     roles = ['student', 'teacher'] if len(nets) == 2 else ['network']
     with torch.no_grad():

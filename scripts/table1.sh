@@ -16,37 +16,12 @@ cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1 2 3 4 5"}
 CIFAR=${CIFAR:-python3 cifar.py}  # CIFAR=echo lists the runs without training
 
-launch() {  # the command, or with CIFAR=echo its words shell-quoted on one line
-  if [ "$CIFAR" = echo ]; then
-    printf '%q ' "$@"
-    echo
-  else
-    $CIFAR "$@"
-  fi
-}
-
-teacher() {  # teacher NAME [cifar.py flags...]
-  local dir=logs/table1/$1; shift
-  if [ -f "$dir/model.pt7" ]; then
-    launch --save "$dir" --resume "$dir/model.pt7" "$@"
-  else
-    launch --save "$dir" "$@"
-  fi
-}
-
-row() {  # row NAME MEMBERS [cifar.py flags...]: one cohort; a started row resumes
-  local dir=logs/table1/$1 members=$2; shift 2
-  if [ -d "$dir" ]; then
-    launch --save "$dir" --resume "$dir" --cohort "$members" "$@"
-  else
-    launch --save "$dir" --cohort "$members" "$@"
-  fi
-}
+source scripts/runs.sh
 
 # Teachers (one each, seed 1); students find them as --teacher_id table1/teacher_wrn<d>-<w>.
 for net in "16 2" "40 1" "40 2"; do
   read -r d w <<< "$net"
-  teacher "teacher_wrn$d-$w" --depth "$d" --width "$w" --seed 1 "$@"
+  single "logs/table1/teacher_wrn$d-$w" --depth "$d" --width "$w" --seed 1 "$@"
 done
 
 # Columns: each method's per-student options. F-ActT's weight and AT+KD's beta decay are this
@@ -60,19 +35,9 @@ declare -A METHOD=(
   [at_kd]='"alpha": 0.9, "beta": 1000, "beta_decay": 0.2'
 )
 
-members() {  # the row's members as a JSON list: every column, every seed
-  local list=''
-  for method in student at factt kd at_kd; do
-    for seed in $SEEDS; do
-      list+="${list:+, }{\"name\": \"${method}_seed$seed\", \"seed\": $seed${METHOD[$method]:+, ${METHOD[$method]}}}"
-    done
-  done
-  echo "[$list]"
-}
-
 # Student depth and width, teacher depth and width.
 for pair in "16 1 16 2" "16 1 40 1" "16 2 40 2"; do
   read -r d w td tw <<< "$pair"
-  row "wrn$d-${w}_from_wrn$td-$tw" "$(members)" --depth "$d" --width "$w" \
+  cohort "logs/table1/wrn$d-${w}_from_wrn$td-$tw" "$(members student at factt kd at_kd)" --depth "$d" --width "$w" \
     --teacher_id "table1/teacher_wrn$td-$tw" "$@"
 done

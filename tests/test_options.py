@@ -126,6 +126,27 @@ CIFAR_CASES = [
     ('randomcrop_pad', ['--randomcrop_pad', 40], ['--randomcrop_pad 40.0', '0 (no crop) up to 31']),
     ('randomcrop_pad', ['--randomcrop_pad', 2.5], ['--randomcrop_pad 2.5 is not a whole number']),
     ('randomcrop_pad', ['--randomcrop_pad', 'nan'], ['--randomcrop_pad nan is not a finite number']),
+    ('crop_padding', ['--crop_padding', 'constant'], ["--crop_padding 'constant' is not one of the choices",
+                                                      'use one of reflect, zero']),
+    ('normalization', ['--normalization', 'imagenet'], ["--normalization 'imagenet' is not one of the choices",
+                                                        'use one of cifar10, cifar100']),
+    ('arch', ['--arch', 'mobile_half'], ["--arch 'mobile_half' is not a network here", 'use wrn (sized by',
+                                         'MobileNetV2']),
+    ('arch', ['--arch', 'WRN'], ["--arch 'WRN' is not a network here"]),
+    ('depth', ['--arch', 'vgg8', '--depth', 40], ['--depth sizes the Wide ResNet of --arch wrn',
+                                                  '--arch vgg8 is a fixed network; drop --depth 40']),
+    ('width', ['--arch', 'resnet8x4', '--width', 2], ['drop --width 2, or use --arch wrn']),
+    ('teacher_arch', ['--teacher_arch', 'resnet9', '--teacher_params', 'x.pth'],
+     ["--teacher_arch 'resnet9' is not a network of the CRD benchmark", 'resnet32x4']),
+    ('teacher_arch', ['--teacher_arch', 'resnet8'], ['--teacher_arch resnet8 names the network of a --teacher_params',
+                                                     'add --teacher_params FILE']),
+    ('teacher_params', ['--teacher_params', 'x.pth'], ['--teacher_params x.pth needs --teacher_arch']),
+    ('teacher_params', ['--teacher_params', 'x.pth', '--teacher_arch', 'resnet8', '--teacher_id', 'teacher'],
+     ['--teacher_id and --teacher_params both name a teacher; give one']),
+    ('teacher_params', ['--teacher_params', 'missing.pth', '--teacher_arch', 'resnet8'],
+     ['teacher weights missing.pth do not exist', 'RepDistiller checkpoint']),
+    ('teacher_params', ['--teacher_params', 'weights_dir', '--teacher_arch', 'resnet8'],
+     ['teacher weights weights_dir is a directory']),
     ('temperature', ['--temperature', 0], ['--temperature 0.0 is not positive', 'T > 0']),
     ('temperature', ['--temperature', -1], ['--temperature -1.0 is not positive']),
     ('temperature', ['--temperature', 'inf'], ['--temperature inf is not a finite number']),
@@ -170,7 +191,8 @@ CIFAR_CASES = [
     ('teacher_id', ['--teacher_id', 'nolog'], ['logs/nolog/log.txt does not exist']),
     ('teacher_id', ['--teacher_id', 'nockpt'], ['teacher logs/nockpt has no model.pt7']),
     # Combinations
-    ('grad_beta', ['--grad_beta', 1], ['--grad_beta compares the student with a teacher', 'give --teacher_id']),
+    ('grad_beta', ['--grad_beta', 1], ['--grad_beta compares the student with a teacher',
+                                       'give --teacher_id or --teacher_params']),
     ('compile', ['--sym_beta', 1, '--compile', 'on'], ['torch.compile']),
     # Image trees
     ('dataroot', ['--dataroot', 'renamed'],
@@ -287,6 +309,9 @@ def test_check_option_refuses_wrong_types_and_choices(rules, flag, value, messag
     (RULES, 'gpu_id', 'GPU-8932f937-d72c-4106-c12f-20bd9faed9f6'), (RULES, 'cuda', True),
     (CIFAR_RULES, 'width', 0.0625), (CIFAR_RULES, 'depth', 10), (CIFAR_RULES, 'teacher_id', ''),
     (CIFAR_RULES, 'teacher_id', 'table1/teacher_wrn16-2'), (IMAGENET_RULES, 'depth', 34),
+    (CIFAR_RULES, 'arch', 'wrn'), (CIFAR_RULES, 'arch', 'ShuffleV2'), (CIFAR_RULES, 'teacher_arch', ''),
+    (CIFAR_RULES, 'teacher_arch', 'ResNet50'), (CIFAR_RULES, 'crop_padding', 'zero'),
+    (CIFAR_RULES, 'normalization', 'cifar100'),
     (IMAGENET_RULES, 'width', 1 / 64)])
 def test_valid_edge_values_are_accepted(rules, flag, value):
     assert check_option(flag, value, rules) == value
@@ -298,6 +323,11 @@ def test_valid_edge_values_pass_every_check_of_the_command_line(tripwires):
     for alpha in (0, 1):
         with pytest.raises(Reached):
             cifar.main([*map(str, SCRIPTS['cifar.py'][1]), *map(str, edges), '--alpha', str(alpha)])
+    (tripwires / 'published.pth').write_bytes(b'')  # the checks look, they do not read
+    with pytest.raises(Reached):  # a published teacher serves the methods that need one
+        cifar.main([*map(str, SCRIPTS['cifar.py'][1]), '--arch', 'ShuffleV1', '--teacher_params', 'published.pth',
+                    '--teacher_arch', 'resnet32x4', '--grad_beta', '1', '--crop_padding', 'zero',
+                    '--normalization', 'cifar100'])
     with pytest.raises(Reached):
         imagenet.main([*map(str, SCRIPTS['imagenet.py'][1]), '--seed', str(2 ** 32 - 1), '--gpu_id', '0,1'])
 

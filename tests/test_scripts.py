@@ -47,7 +47,8 @@ def method_name(m):
 def test_table1_resumes_runs_that_have_started(tmp_path):
     """Started again after an interruption, the script continues the teachers and rows it finds."""
     os.makedirs(tmp_path / 'scripts')
-    shutil.copy(os.path.join(ROOT, 'scripts', 'table1.sh'), tmp_path / 'scripts')
+    for script in ('table1.sh', 'runs.sh'):
+        shutil.copy(os.path.join(ROOT, 'scripts', script), tmp_path / 'scripts')
     assert not any('--resume' in r for r in planned_runs('table1.sh', root=tmp_path, SEEDS='1'))
     os.makedirs(tmp_path / 'logs/table1/teacher_wrn40-1')
     (tmp_path / 'logs/table1/teacher_wrn40-1/model.pt7').write_bytes(b'')
@@ -58,3 +59,78 @@ def test_table1_resumes_runs_that_have_started(tmp_path):
     assert resumed == [['--save', 'logs/table1/teacher_wrn40-1', '--resume', 'logs/table1/teacher_wrn40-1/model.pt7'],
                        ['--save', 'logs/table1/wrn16-2_from_wrn40-2', '--resume', 'logs/table1/wrn16-2_from_wrn40-2']]
     assert len(member_runs(cifar.parse_args(runs[-1]), cifar.CIFAR_RULES, 'teacher_id')) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# crd_table.sh: the CRD paper's CIFAR-100 benchmark
+
+CRD_PAIRS = {('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'), ('resnet56', 'resnet20'), ('resnet110', 'resnet20'),
+             ('resnet110', 'resnet32'), ('resnet32x4', 'resnet8x4'), ('vgg13', 'vgg8'), ('vgg13', 'MobileNetV2'),
+             ('ResNet50', 'MobileNetV2'), ('ResNet50', 'vgg8'), ('resnet32x4', 'ShuffleV1'),
+             ('resnet32x4', 'ShuffleV2'), ('wrn_40_2', 'ShuffleV1')}
+CRD_COLUMNS = {'student': (0, 0), 'kd': (0.9, 0), 'at': (0, 1e3), 'at_kd': (0.9, 1e3)}  # alpha, beta
+
+
+def check_crd_protocol(r, arch):
+    """RepDistiller's training settings, on every run of the benchmark."""
+    assert (r.dataset, r.epochs, r.batch_size, r.epoch_step, r.lr_decay_ratio, r.weight_decay) == \
+        ('CIFAR100', 240, 64, '[150,180,210]', 0.1, 5e-4)
+    assert (r.randomcrop_pad, r.crop_padding, r.normalization, r.temperature) == (4, 'zero', 'cifar100', 4)
+    assert r.arch == arch and r.lr == (0.01 if arch in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2') else 0.05)
+
+
+def crd_rows(runs, seeds):
+    """{(teacher, student): the row's run} after checking each row's members."""
+    rows = {}
+    for r in runs:
+        teacher = r.teacher_arch or r.teacher_id[len('crd/teacher_'):]
+        rows[(teacher, r.arch)] = r
+        assert r.save == f'logs/crd/{r.arch}_from_{teacher}'
+        check_crd_protocol(r, r.arch)
+        members = member_runs(r, cifar.CIFAR_RULES, cifar.TEACHER_FLAGS)
+        assert sorted((m.save, m.seed) for m in members) == sorted(
+            (f'{r.save}/{column}_seed{seed}', seed) for column in CRD_COLUMNS for seed in seeds)
+        for m in members:
+            assert (m.alpha, m.beta) == CRD_COLUMNS[os.path.basename(m.save).rsplit('_seed', 1)[0]], m.save
+    assert set(rows) == CRD_PAIRS and len(runs) == len(CRD_PAIRS)
+    return rows
+
+
+def test_crd_table_trains_the_teachers_first_without_published_ones():
+    runs = [cifar.parse_args(flags) for flags in planned_runs('crd_table.sh', '--dataroot', 'data')]
+    assert all(r.dataroot == 'data' for r in runs)
+    teachers = [r for r in runs if not r.cohort]
+    assert {r.arch for r in teachers} == {t for t, _ in CRD_PAIRS} and len(teachers) == 6
+    for r in teachers:
+        assert r.save == f'logs/crd/teacher_{r.arch}' and r.seed == 1 and not (r.alpha or r.beta)
+        check_crd_protocol(r, r.arch)
+    assert runs[:6] == teachers  # every teacher before any student
+    rows = crd_rows(runs[6:], seeds=[1])
+    assert all(r.teacher_id == f'crd/teacher_{t}' and not r.teacher_params for (t, _), r in rows.items())
+
+
+def test_crd_table_reads_published_teachers_in_repdistillers_layout():
+    runs = [cifar.parse_args(flags) for flags in planned_runs('crd_table.sh', TEACHERS='/models', SEEDS='1 2 3')]
+    rows = crd_rows(runs, seeds=[1, 2, 3])
+    for (t, _), r in rows.items():
+        assert (r.teacher_params, r.teacher_arch, r.teacher_id) == (f'/models/{t}_vanilla/ckpt_epoch_240.pth', t, '')
+
+
+def test_crd_table_resumes_and_refuses_a_missing_published_teacher(tmp_path):
+    os.makedirs(tmp_path / 'scripts')
+    for script in ('crd_table.sh', 'runs.sh'):
+        shutil.copy(os.path.join(ROOT, 'scripts', script), tmp_path / 'scripts')
+    os.makedirs(tmp_path / 'logs/crd/teacher_vgg13')
+    (tmp_path / 'logs/crd/teacher_vgg13/model.pt7').write_bytes(b'')
+    os.makedirs(tmp_path / 'logs/crd/vgg8_from_vgg13/at_seed1')
+    runs = planned_runs('crd_table.sh', root=tmp_path)
+    assert len(runs) == 6 + 13
+    assert [r[:4] for r in runs if '--resume' in r] == [
+        ['--save', 'logs/crd/teacher_vgg13', '--resume', 'logs/crd/teacher_vgg13/model.pt7'],
+        ['--save', 'logs/crd/vgg8_from_vgg13', '--resume', 'logs/crd/vgg8_from_vgg13']]
+    out = subprocess.run(['bash', str(tmp_path / 'scripts/crd_table.sh')], capture_output=True, text=True,
+                         env={**os.environ, 'CIFAR': 'false', 'TEACHERS': str(tmp_path / 'none')})
+    assert out.returncode == 2 and out.stdout == ''
+    assert out.stderr.strip() == (f'crd_table.sh: {tmp_path}/none/wrn_40_2_vanilla/ckpt_epoch_240.pth does not exist; '
+                                  f'fetch RepDistiller\'s teachers into TEACHERS={tmp_path}/none or leave TEACHERS '
+                                  f'unset to train them here')
