@@ -3,6 +3,9 @@ report them: one line on stderr, no traceback."""
 import functools
 import os
 import sys
+import time
+
+RANK_0_REPORTS_S = 5  # how long the other ranks wait for rank 0 to report an error
 
 
 class UserError(Exception):
@@ -31,6 +34,11 @@ def reports_user_errors(main):
             if distributed.is_main():
                 print(f'{os.path.basename(sys.argv[0])}: {"error: " if isinstance(e, UserError) else ""}{e}',
                       file=sys.stderr, flush=True)
+            else:
+                # torchrun stops every process as soon as one fails: had this rank left first,
+                # rank 0 could be killed before its line is out. Every rank meets the same error
+                # at about the same point: rank 0 needs moments, and the wait is generous.
+                time.sleep(RANK_0_REPORTS_S)
             distributed.shutdown()
             sys.exit(e.exit_code if isinstance(e, RunStopped) else 2)
     return wrapper

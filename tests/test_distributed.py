@@ -102,3 +102,23 @@ def test_ngpu_needs_that_many_visible_gpus_and_gpu_id_is_honoured(monkeypatch, c
     assert choose_device(options(ngpu=1, gpu_id='0', cuda=False)).type == 'cuda'
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '0'
     assert '--gpu_id 0 replaces CUDA_VISIBLE_DEVICES=3' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('main_rank', [True, False])
+def test_only_rank_0_reports_an_error_and_the_others_leave_after_it(monkeypatch, capsys, main_rank):
+    """torchrun kills the other processes once one exits with an error: a rank other than 0
+    that left at once could take rank 0's one line with it."""
+    import errors
+    waits = []
+    monkeypatch.setattr(distributed, 'is_main', lambda: main_rank)
+    monkeypatch.setattr(errors.time, 'sleep', waits.append)
+
+    @errors.reports_user_errors
+    def main():
+        raise UserError('--lr -1.0 is not positive')
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith('error: --lr -1.0 is not positive\n') == main_rank
+    assert waits == ([] if main_rank else [errors.RANK_0_REPORTS_S]) and errors.RANK_0_REPORTS_S >= 1
