@@ -117,6 +117,7 @@ def main(argv=None):
     device, runs = start_runs(opt, CIFAR_RULES, TEACHER_FLAGS)
     num_classes = NUM_CLASSES[opt.dataset]
 
+    teacher = load_teacher(opt, num_classes)  # before the data: a file that does not fit is refused at once
     train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread)
     test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread)
     layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt), normalization=opt.normalization)
@@ -125,7 +126,6 @@ def main(argv=None):
     test_loader = Loader(test_images.to(device), test_labels.to(device), opt.batch_size, train=False,
                          **layout)
 
-    teacher = load_teacher(opt, num_classes)
     members = build_members(runs, lambda: network(opt.arch, opt.depth, opt.width, num_classes), teacher,
                             image_size=32, device=device, channels_last=layout['channels_last'])
     if distributed.is_main():
