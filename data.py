@@ -187,15 +187,14 @@ def random_crop_flip(x, pad, generator, padding='reflect'):
     flip = torch.randint(0, 2, (B, 1), generator=generator, device=dev).bool()
     i, j = torch.arange(H, device=dev), torch.arange(W, device=dev)
     rows, cols = oy - pad + i, ox - pad + torch.where(flip, W - 1 - j, j)
+    inside = None
     if padding == 'reflect':
         rows, cols = reflect(rows, H), reflect(cols, W)
-    else:
-        inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+    else:  # gather any in-image pixel, then black out those that fell in the padding
+        inside = ((rows >= 0) & (rows < H))[:, :, None, None] & ((cols >= 0) & (cols < W))[:, None, :, None]
         rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
     out = x[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    if padding == 'zero':
-        out = out * inside[..., None]
-    return out.permute(0, 3, 1, 2)
+    return (out if inside is None else out * inside).permute(0, 3, 1, 2)
 
 
 class Loader:
