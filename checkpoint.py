@@ -2,32 +2,72 @@
 
 A checkpoint is {'params': {name: tensor}, 'optimizer': optimizer.state_dict(), 'epoch': int},
 the reference code's layout, so files written by either load in the other; ours add what makes
-a continuation identical ('iteration', 'rng', 'lr', 'options'), which the reference code
-ignores. It holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)`
+a continuation identical ('iteration', 'rng', 'lr', 'options') and 'log', the log.txt line of
+its last completed epoch, which a resume writes back if the log lost it; the reference code
+ignores them. It holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)`
 reads it, and that is the only way files are loaded here (a pickle from elsewhere cannot run code).
 """
+import io
 import json
 import os
 import random
+import sys
 
 import numpy as np
-
 import torch
-from ignite.handlers import DiskSaver
 
 from errors import UserError
+from run_lock import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
 
 CHECKPOINT = 'model.pt7'
 LOG = 'log.txt'
 LOG_PREFIX = 'json_stats: '
 
 
+class WriteFailed(OSError):
+    """A checkpoint or log line that could not be written (disk full, read-only, quota)."""
+
+    def __init__(self, path, cause):
+        super().__init__(f'cannot write {path} ({cause})')
+        self.path, self.cause = path, cause
+
+
 def save_checkpoint(run_dir, params, optimizer, epoch, **extra):
-    """Writes <run_dir>/model.pt7 through a temporary file and a rename, so an interrupted
-    write leaves the previous checkpoint intact. `epoch` counts completed epochs."""
+    """Writes <run_dir>/model.pt7 through a temporary file and a rename, so an interrupted or
+    failed write leaves the previous checkpoint intact. `epoch` counts completed epochs.
+
+    Not ignite's DiskSaver: its temporary files have random names that nothing can tell from a
+    user's, so one left by a killed write could never be cleared. The state is serialised in
+    memory first so that a full disk surfaces as one OSError from a plain write, not as
+    whichever assertion of the zip writer the short write trips."""
     state = {'params': {k: v.detach() for k, v in params.items()},
              'optimizer': optimizer.state_dict(), 'epoch': epoch, **extra}
-    DiskSaver(run_dir, atomic=True, require_empty=False)(state, CHECKPOINT)
+    path = os.path.join(run_dir, CHECKPOINT)
+    temporary = os.path.join(run_dir, f'{TEMPORARY_PREFIX}{os.getpid()}{TEMPORARY_SUFFIX}')
+    try:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with open(temporary, 'wb') as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        fsync_folder(run_dir)  # makes the rename itself survive a power loss
+    except OSError as e:
+        raise WriteFailed(path, e.strerror or type(e).__name__) from None
+    finally:
+        try:
+            os.remove(temporary)
+        except FileNotFoundError:
+            pass
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state():
@@ -53,6 +93,9 @@ def load_checkpoint(path):
     """Reads a checkpoint (ours or the reference code's) onto the CPU."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist; pass the model.pt7 of an earlier run')
+    if is_text(path):
+        raise UserError(f'cannot read checkpoint {path}: it is a text file, not a model.pt7 checkpoint; '
+                        f'pass the model.pt7 of an earlier run')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load reports damage through many exception types
@@ -67,6 +110,19 @@ def load_checkpoint(path):
     epoch = int(state.get('epoch', 0))
     return {**state, 'params': params, 'optimizer': state.get('optimizer'), 'epoch': epoch,
             'iteration': state.get('iteration')}
+
+
+def is_text(path):
+    """Whether a file starts as text does (a log.txt or a JSON file passed by mistake); both
+    checkpoint formats start with bytes that are not UTF-8 text."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    try:
+        head.decode()
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not merely a character cut at the end of the sample
+            return False
+    return bool(head) and b'\0' not in head
 
 
 def network_params(params, role='student'):
@@ -101,6 +157,15 @@ def copy_params_(params, loaded, source):
             v.copy_(loaded[k])
 
 
+def check_finite(tensors, source, fix):
+    """Refuses a file whose tensors hold NaN or Inf, naming the first such tensor: loaded, it
+    would make every loss non-finite and read as the training diverging."""
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all()):
+            what = 'NaN' if bool(t.isnan().any()) else 'Inf'
+            raise UserError(f'{source}: {name} holds {what} values; {fix}')
+
+
 def load_optimizer_state(optimizer, state, source):
     """Restores optimizer state after checking that its momentum buffers fit the parameters."""
     trainable = [p for g in optimizer.param_groups for p in g['params']]
@@ -121,23 +186,81 @@ def read_log(run_dir):
     path = os.path.join(run_dir, LOG)
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist; train that run first or fix the run name')
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            at = line.find(LOG_PREFIX)
-            if at < 0:
-                continue
-            try:
-                records.append(json.loads(line[at + len(LOG_PREFIX):]))
-            except json.JSONDecodeError:
-                raise UserError(f'{path}:{n} is not a valid json_stats line; repair or remove it') from None
+    records = log_records(path)
     if not records:
         raise UserError(f'{path} holds no json_stats line; that run never finished an epoch')
     return records
 
 
+def log_records(path):
+    """The json_stats records of a log file, by the one rule every reader follows: a damaged
+    line is an error, except a last line without its newline: a run cut off while appending it
+    (power loss, kill -9), or appending it right now, leaves it torn; that one is left out with
+    a warning. Lines without the prefix are output of other programs and skipped."""
+    with open(path, errors='replace') as f:
+        lines = f.readlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        record = parse_log_line(line)
+        if record is None:
+            continue
+        if record is TORN:
+            if n == len(lines) and not line.endswith('\n'):
+                print(f'{os.path.basename(sys.argv[0])}: warning: {path}: its last line is cut short (the '
+                      f'run stopped while writing it, or is writing it now); left out; resuming the run '
+                      f'repairs it', file=sys.stderr, flush=True)
+                continue
+            raise UserError(f'{path}:{n} is not a valid json_stats line; repair or remove it')
+        records.append(record)
+    return records
+
+
+TORN = object()
+
+
+def parse_log_line(line):
+    """A json_stats line's record, None for a line of other output, TORN for a damaged one."""
+    at = line.find(LOG_PREFIX)
+    if at < 0:
+        return None
+    try:
+        record = json.loads(line[at + len(LOG_PREFIX):])  # NaN, as the original wrote it, parses
+    except ValueError:
+        return TORN
+    return record if isinstance(record, dict) else TORN
+
+
 def append_log(run_dir, record):
-    with open(os.path.join(run_dir, LOG), 'a') as f:
-        f.write(LOG_PREFIX + json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    path = os.path.join(run_dir, LOG)
+    try:
+        with open(path, 'a') as f:
+            f.write(LOG_PREFIX + json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteFailed(path, e.strerror or type(e).__name__) from None
+
+
+def repair_log(run_dir, record):
+    """Before a run resumes in its folder: drops a torn last line of its log.txt and appends the
+    checkpoint's own log line (`record`, its last completed epoch) if the log lacks that epoch,
+    as when the run died between writing the checkpoint and appending the line. Returns what
+    was done, for the user."""
+    path = os.path.join(run_dir, LOG)
+    done = []
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            data = f.read()
+        start = data.rstrip(b'\n').rfind(b'\n') + 1
+        last = data[start:].decode(errors='replace')
+        if last and (not last.endswith('\n') or parse_log_line(last) is TORN):
+            with open(path, 'r+b') as f:
+                f.truncate(start)
+                os.fsync(f.fileno())
+            done.append('dropped its cut-short last line')
+    if record is not None:
+        logged = {r.get('epoch') for r in log_records(path)} if os.path.isfile(path) else set()
+        if record.get('epoch') not in logged:
+            append_log(run_dir, record)
+            done.append(f'restored the line of epoch {record.get("epoch")} from the checkpoint')
+    return f'{path}: {" and ".join(done)}' if done else None

@@ -1,6 +1,7 @@
 """Why a run stops early, and how it stops without losing anything: on SIGTERM/SIGINT it
 finishes the current step, writes a checkpoint and exits; on a non-finite loss it exits
-before writing one, so the last good checkpoint stays."""
+before writing one, so the last good checkpoint stays; when the disk refuses a checkpoint or log
+line it exits naming what is intact. Each way ends with one line that says how to resume."""
 import signal
 
 import torch
@@ -11,9 +12,13 @@ from errors import RunStopped
 
 class SignalStop:
     """Within `with`, SIGTERM and SIGINT only set a flag that the loop reads after each step.
-    A second signal stops at once."""
+    A second signal stops at once: the step (or checkpoint write) under way is abandoned, and
+    the line it ends with names what `standing()` says is left to resume from."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, standing):
+        self.standing = standing
 
     def __enter__(self):
         self.signum = None
@@ -23,7 +28,10 @@ class SignalStop:
     def handle(self, signum, frame):
         if self.signum is not None:
             self.__exit__()
-            signal.raise_signal(signum)
+            # An exception, not the default action: the unwinding removes a half-written
+            # checkpoint's temporary file and releases the run folder's lock.
+            raise RunStopped(f'stopped at once by {signal.Signals(signum).name}, a second signal: the '
+                             f'current step was abandoned; {self.standing()}', exit_code=128 + signum)
         self.signum = signum
 
     def requested(self, step=None):
@@ -72,3 +80,35 @@ class NonFiniteWatch:
         raise RunStopped(f'training diverged at epoch {epoch}, step {step}: loss term '
                          f'{", ".join(bad)} is not finite; {kept}; lower --lr (or the loss weights) '
                          f'and resume from it', exit_code=1)
+
+
+WRITE_FAILED = 74  # EX_IOERR of sysexits.h: a checkpoint or log line could not be written
+
+
+def resume_flags(opt, members):
+    if opt.cohort:
+        return f'--resume {opt.save} --save {opt.save} and the same --cohort'
+    return f'--resume {members[0].checkpoint} --save {opt.save}'
+
+
+def standing_checkpoints(opt, members):
+    """What a run stopped at once can go on from, for the one line it ends with."""
+    if opt.cohort:
+        return f'each member\'s last written checkpoint stands: resume with {resume_flags(opt, members)}'
+    m = members[0]
+    if m.saved is None:
+        return f'no checkpoint was written to {m.opt.save}: start the run again'
+    return f'the last checkpoint, {m.checkpoint} ({m.saved}), stands: resume with {resume_flags(opt, members)}'
+
+
+def write_failure(error, m, opt):
+    """The line a run ends with when its disk refuses a checkpoint or log line."""
+    if m.saved is None:
+        kept = f'no checkpoint was written to {m.opt.save} yet; free space and start the run again'
+    elif error.path == m.checkpoint:
+        kept = (f'the last good checkpoint {m.checkpoint} ({m.saved}) and its log line are intact; free '
+                f'space and resume with {resume_flags(opt, [m])}')
+    else:
+        kept = (f'the checkpoint {m.checkpoint} ({m.saved}) holds this epoch\'s line and resuming '
+                f'writes it; free space and resume with {resume_flags(opt, [m])}')
+    return f'{m.name}: {error}; {kept}' if opt.cohort else f'{error}; {kept}'

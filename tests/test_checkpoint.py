@@ -1,11 +1,22 @@
+import errno
+import io
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
 
-from checkpoint import save_checkpoint, load_checkpoint, copy_params_, load_optimizer_state, \
-    read_log, append_log
+from checkpoint import (
+    WriteFailed,
+    append_log,
+    copy_params_,
+    load_checkpoint,
+    load_optimizer_state,
+    read_log,
+    repair_log,
+    save_checkpoint,
+)
 from errors import UserError
 from resnet import resnet
 
@@ -34,6 +45,47 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path):
     b1 = opt.state[next(iter(opt.state))]['momentum_buffer']
     b2 = opt2.state[next(iter(opt2.state))]['momentum_buffer']
     assert torch.equal(b1, b2)
+
+
+def full_disk_halfway(real_save=torch.save):
+    """A torch.save that gets half its bytes onto its target, then finds the disk full."""
+    def save(obj, f, *args, **kwargs):
+        data = io.BytesIO()
+        real_save(obj, data, *args, **kwargs)
+        half = data.getvalue()[:len(data.getvalue()) // 2]
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, 'wb') as out:
+                out.write(half)
+        else:
+            f.write(half)
+            if hasattr(f, 'flush'):
+                f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+def test_an_interrupted_or_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    _, params = resnet(10, 1, 10)
+    opt = trained_optimizer(params)
+    save_checkpoint(str(tmp_path), params, opt, 3)
+    with mock.patch('torch.save', full_disk_halfway()), pytest.raises(OSError) as failed:
+        save_checkpoint(str(tmp_path), params, opt, 4)
+    assert load_checkpoint(str(tmp_path / 'model.pt7'))['epoch'] == 3
+    assert str(failed.value) == f'cannot write {tmp_path}/model.pt7 (No space left on device)'
+    fsync = os.fsync
+    # the temporary file written in full, but never made durable
+    with mock.patch('os.fsync', side_effect=[OSError(errno.EIO, os.strerror(errno.EIO))]), \
+            pytest.raises(WriteFailed, match=r'\(Input/output error\)'):
+        save_checkpoint(str(tmp_path), params, opt, 5)
+    assert os.fsync is fsync
+    assert os.listdir(tmp_path) == ['model.pt7']  # the temporary file removed
+    assert load_checkpoint(str(tmp_path / 'model.pt7'))['epoch'] == 3
+
+
+def test_a_text_file_is_not_taken_for_a_checkpoint(tmp_path):
+    (tmp_path / 'log.txt').write_text('json_stats: {"epoch": 1, "test_acc": 50.0}\n')
+    with pytest.raises(UserError, match=r'log.txt: it is a text file, not a model.pt7 checkpoint'):
+        load_checkpoint(str(tmp_path / 'log.txt'))
 
 
 def test_old_serialisation_with_separate_stats_loads(tmp_path):
@@ -93,3 +145,37 @@ def test_log_round_trip_and_foreign_lines(tmp_path):
     assert [r['epoch'] for r in read_log(str(tmp_path))] == [1, 2]
     line = (tmp_path / 'log.txt').read_text().splitlines()[0]
     assert line.startswith('json_stats: ') and json.loads(line[12:])['test_acc'] == 50.0
+
+
+def test_a_torn_last_line_is_left_out_with_a_warning_and_a_bad_line_elsewhere_is_an_error(tmp_path, capsys):
+    append_log(str(tmp_path), {'epoch': 1, 'test_acc': 50.0})
+    with open(tmp_path / 'log.txt', 'a') as f:
+        f.write('json_stats: {"epoch": 2, "test_')  # the power went while this was appended
+    assert [r['epoch'] for r in read_log(str(tmp_path))] == [1]
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert f'{tmp_path}/log.txt: its last line is cut short' in warning and 'resuming the run repairs it' in warning
+    with open(tmp_path / 'log.txt', 'a') as f:
+        f.write('\n')
+    append_log(str(tmp_path), {'epoch': 2, 'test_acc': 60.0})
+    with pytest.raises(UserError, match=r'log.txt:2 is not a valid json_stats line'):
+        read_log(str(tmp_path))
+
+
+def test_repair_drops_a_torn_line_and_restores_the_checkpoints_line(tmp_path):
+    append_log(str(tmp_path), {'epoch': 1, 'test_acc': 50.0})
+    with open(tmp_path / 'log.txt', 'a') as f:
+        f.write('json_stats: {"epoch": 2, "te')
+    done = repair_log(str(tmp_path), {'epoch': 2, 'test_acc': 60.0})
+    assert 'dropped its cut-short last line' in done and 'restored the line of epoch 2' in done
+    lines = (tmp_path / 'log.txt').read_text().splitlines()
+    assert [json.loads(line[12:])['epoch'] for line in lines] == [1, 2]
+    assert repair_log(str(tmp_path), {'epoch': 2, 'test_acc': 60.0}) is None  # nothing left to do
+    os.remove(tmp_path / 'log.txt')  # died between the first checkpoint and its log line
+    repair_log(str(tmp_path), {'epoch': 1, 'test_acc': 50.0})
+    assert [r['epoch'] for r in read_log(str(tmp_path))] == [1]
+
+
+def test_a_failing_log_append_names_the_file_and_cause(tmp_path):
+    with mock.patch('os.fsync', side_effect=OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))), \
+            pytest.raises(WriteFailed, match=r'cannot write .*log.txt \(Disk quota exceeded\)'):
+        append_log(str(tmp_path), {'epoch': 1})

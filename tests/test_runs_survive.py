@@ -1,4 +1,5 @@
 """Interrupted, killed, diverging and distributed runs, through the real CLI."""
+import errno
 import json
 import os
 import signal
@@ -6,13 +7,16 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
-from conftest import ROOT, run_cli
+import cifar
+from conftest import ROOT, run_cli, run_in_process
 
 # --deterministic: on a GPU, bitwise equal resumes need deterministic kernels (no effect on CPU)
-SLOW = ['--depth', 10, '--width', 1, '--batch_size', 4, '--nthread', 2, '--seed', 4, '--epochs', 3, '--deterministic']
+SLOW = ['--depth', 10, '--width', 1, '--batch_size', 4, '--nthread', 2, '--seed', 4, '--epochs', 3, '--deterministic',
+        '--precision', 'fp32']
 
 
 def start(args, cwd):
@@ -37,8 +41,8 @@ def load(run_dir):
 
 
 def epochs_logged(run_dir):
-    return [line.count('"epoch": ') and int(line.split('"epoch": ')[1].split(',')[0])
-            for line in open(os.path.join(run_dir, 'log.txt'))]
+    """The epoch of each complete line; a last line that a kill cut short has no newline."""
+    return [json.loads(line[12:])['epoch'] for line in open(os.path.join(run_dir, 'log.txt')) if line.endswith('\n')]
 
 
 def assert_same_params(a, b):
@@ -70,16 +74,58 @@ def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(image_tree, tmp_path)
     data = ['--dataroot', image_tree]
     proc = start([*SLOW, *data, '--save', 'logs/killed'], tmp_path)
     wait_for_log_lines(tmp_path / 'logs/killed', 1, proc)
-    time.sleep(0.3)  # somewhere in the next epoch, possibly while a checkpoint is being written
+    time.sleep(0.3)  # somewhere in the next epoch, possibly while a checkpoint or log line is written
     proc.kill()
     proc.communicate()
     ckpt = load(tmp_path / 'logs/killed')
-    logged = epochs_logged(tmp_path / 'logs/killed')
-    assert ckpt['epoch'] >= len(logged) >= 1  # every log line has its checkpoint
-    assert not [n for n in os.listdir(tmp_path / 'logs/killed') if n not in ('log.txt', 'model.pt7')]
+    # Wherever the kill landed: the checkpoint loads and is at least as far as the log (a last
+    # line may be torn, a temporary file and the dead process's run.lock may be left).
+    assert ckpt['epoch'] >= len(epochs_logged(tmp_path / 'logs/killed')) and ckpt['log']['epoch'] == ckpt['epoch'] >= 1
     r = run_cli('cifar.py', *SLOW, *data, '--save', 'logs/killed', '--resume', 'logs/killed/model.pt7', cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert epochs_logged(tmp_path / 'logs/killed')[-1] == 3 and load(tmp_path / 'logs/killed')['epoch'] == 3
+    # The resume took the folder over, cleared what the kill left, and repaired the log.
+    assert open(tmp_path / 'logs/killed/log.txt').read().endswith('\n')
+    assert epochs_logged(tmp_path / 'logs/killed') == [1, 2, 3] and load(tmp_path / 'logs/killed')['epoch'] == 3
+    left = sorted(os.listdir(tmp_path / 'logs/killed'))
+    assert 'run.lock' not in left and not [n for n in left if n.endswith('.tmp')], left
+
+
+def test_ctrl_c_checkpoints_and_a_resume_without_seed_matches_an_uninterrupted_run(image_tree, tmp_path):
+    data = ['--dataroot', image_tree]
+    assert run_cli('cifar.py', *SLOW, *data, '--save', 'logs/straight', cwd=tmp_path).returncode == 0
+    proc = start([*SLOW, *data, '--save', 'logs/c'], tmp_path)
+    wait_for_log_lines(tmp_path / 'logs/c', 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and 'stopped by SIGINT' in err and 'Traceback' not in err, err
+    assert load(tmp_path / 'logs/c')['epoch'] >= 1
+    at = SLOW.index('--seed')
+    unseeded = SLOW[:at] + SLOW[at + 2:]
+    r = run_cli('cifar.py', *unseeded, *data, '--save', 'logs/c', '--resume', 'logs/c/model.pt7', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line[12:]) for line in open(tmp_path / 'logs/c/log.txt')]
+    assert [(o['epoch'], o['seed'], o['data_seed']) for o in lines] == [(e, 4, 4) for e in (1, 2, 3)]
+    assert_same_params(load(tmp_path / 'logs/straight')['params'], load(tmp_path / 'logs/c')['params'])
+
+
+def test_a_second_signal_stops_at_once_and_says_which_checkpoint_stands(image_tree, tmp_path):
+    proc = start([*SLOW, '--dataroot', image_tree, '--save', 'logs/s'], tmp_path)
+    wait_for_log_lines(tmp_path / 'logs/s', 1, proc)
+    # Both signals reach the process at the same instant, wherever it was (in a step, writing a
+    # checkpoint): Python runs the SIGINT handler first, then SIGTERM's.
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and 'Traceback' not in err, err[-2000:]
+    assert err.count('stopped') == 1, err[-2000:]
+    epoch = load(tmp_path / 'logs/s')['epoch']
+    assert (f'cifar.py: stopped at once by SIGTERM, a second signal: the current step was abandoned; the last '
+            f'checkpoint, logs/s/model.pt7 (after epoch {epoch}), stands: resume with --resume '
+            f'logs/s/model.pt7 --save logs/s') in err, err[-2000:]
+    left = os.listdir(tmp_path / 'logs/s')
+    assert 'run.lock' not in left and not [n for n in left if n.endswith('.tmp')], left  # released, cleaned up
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(image_tree, tmp_path):
@@ -94,6 +140,61 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(image
     assert 'last good checkpoint is logs/d/model.pt7' in err[0]
     assert open(tmp_path / 'logs/d/model.pt7', 'rb').read() == before
     assert epochs_logged(tmp_path / 'logs/d') == [1]
+
+
+QUICK = ['--depth', 10, '--width', 1, '--batch_size', 32, '--nthread', 2, '--seed', 2, '--epochs', 2]
+
+
+def full_disk_at(n, real, writes_target):
+    """`real` (open or os.replace), except that its n-th call that `writes_target(*args)` finds
+    the disk full."""
+    calls = []
+
+    def call(*args, **kwargs):
+        if writes_target(*args):
+            calls.append(args)
+            if len(calls) == n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+    return call
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_completes_it(image_tree, tmp_path):
+    run = [*QUICK, '--dataroot', image_tree, '--save', 'logs/w']
+    resume = [*run, '--resume', 'logs/w/model.pt7']
+    with mock.patch('os.replace', full_disk_at(2, os.replace, lambda src, dst: dst.endswith('model.pt7'))):
+        r = run_in_process(cifar.main, *run, cwd=tmp_path)
+    assert r.returncode == 74 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert ('cannot write logs/w/model.pt7 (No space left on device); the last good checkpoint logs/w/model.pt7 '
+            '(after epoch 1) and its log line are intact; free space and resume with --resume logs/w/model.pt7 '
+            '--save logs/w') in r.stderr
+    assert load(tmp_path / 'logs/w')['epoch'] == 1 and epochs_logged(tmp_path / 'logs/w') == [1]
+    assert not [n for n in os.listdir(tmp_path / 'logs/w') if n.endswith('.tmp') or n == 'run.lock']
+    assert run_in_process(cifar.main, *resume, cwd=tmp_path).returncode == 0
+    assert epochs_logged(tmp_path / 'logs/w') == [1, 2]
+
+    appends_log = lambda path, mode='r', *_: path.endswith('log.txt') and mode == 'a'  # noqa: E731
+    with mock.patch('checkpoint.open', full_disk_at(2, open, appends_log), create=True):
+        r = run_in_process(cifar.main, *run[:-1], 'logs/l', cwd=tmp_path)
+    assert r.returncode == 74, r.stderr[-2000:]
+    assert ('cannot write logs/l/log.txt (No space left on device); the checkpoint logs/l/model.pt7 (after '
+            'epoch 2) holds this epoch\'s line and resuming writes it; free space and resume with') in r.stderr
+    assert epochs_logged(tmp_path / 'logs/l') == [1]
+    r = run_in_process(cifar.main, *resume[:-3], 'logs/l', '--resume', 'logs/l/model.pt7', cwd=tmp_path)
+    assert r.returncode == 0 and 'restored the line of epoch 2 from the checkpoint' in r.stderr, r.stderr[-2000:]
+    assert epochs_logged(tmp_path / 'logs/l') == [1, 2]
+
+
+def test_a_resume_repairs_a_torn_last_log_line(image_tree, tmp_path):
+    run = [*QUICK[:-1], 1, '--dataroot', image_tree, '--save', 'logs/t']
+    assert run_in_process(cifar.main, *run, cwd=tmp_path).returncode == 0
+    log = tmp_path / 'logs/t/log.txt'
+    log.write_text(log.read_text()[:200])  # the power went while the line was appended
+    r = run_in_process(cifar.main, *QUICK, '--dataroot', image_tree, '--save', 'logs/t',
+                       '--resume', 'logs/t/model.pt7', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'logs/t/log.txt: dropped its cut-short last line and restored the line of epoch 1' in r.stderr
+    assert [json.loads(line[12:])['epoch'] for line in open(log)] == [1, 2]
 
 
 def torchrun(*launcher, args, cwd):
@@ -146,7 +247,8 @@ def test_two_processes_and_two_nodes_under_torchrun_match_one_process(image_tree
 
 def test_torchrun_refuses_compile_on_with_one_line(image_tree, tmp_path):
     proc = torchrun('--standalone', '--nproc_per_node', '2', cwd=tmp_path,
-                    args=['--depth', 10, '--epochs', 1, '--dataroot', image_tree, '--compile', 'on', '--save', 'logs/c'])
+                    args=['--depth', 10, '--epochs', 1, '--dataroot', image_tree, '--compile', 'on',
+                          '--save', 'logs/c'])
     out, err = proc.communicate(timeout=300)
     # torchrun adds its own report of a failed child; ours is the one line from rank 0
     assert proc.returncode != 0 and err.count('cifar.py: error: --compile on is not supported with torchrun') == 1
