@@ -4,8 +4,10 @@ The whole of CIFAR is 180 MB as uint8, so it is decoded once and kept as one ten
 GPU when training there). Each batch is cropped, flipped and normalised with a few tensor ops
 instead of per-image PIL transforms in worker processes.
 """
+import contextlib
 import os
 import pickle
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,13 +61,13 @@ def check_cifar_tree(dataroot, dataset):
 
 
 def list_image_tree(root):
-    """(files, labels, classes) of root/<class>/*: every sub-folder is a class, numbered in
-    sorted order as torchvision's ImageFolder numbers them; files without an image extension
-    are left out. Only names are read, so this is quick even for ImageNet."""
+    """(files, labels, classes) of root/<class>/...: every sub-folder of root is a class, numbered
+    in sorted order, and its images at any depth below it belong to it, in the order
+    torchvision's ImageFolder lists them (walked with links followed, sorted); files without an
+    image extension are left out. Only names are read, so this is quick even for ImageNet."""
     try:
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        folders = [sorted(e.name for e in os.scandir(os.path.join(root, c))
-                          if e.name.lower().endswith(IMAGE_EXTENSIONS)) for c in classes]
+        folders = [images_below(os.path.join(root, c)) for c in classes]
     except OSError as e:
         raise UserError(f'cannot list {e.filename} ({e.strerror}); check the data folder') from None
     if not classes:
@@ -77,9 +79,27 @@ def list_image_tree(root):
         if not names:
             raise UserError(f'class folder {os.path.join(root, c)} holds no images '
                             f'({", ".join(IMAGE_EXTENSIONS)}); add its images or remove the folder')
-        files += [os.path.join(root, c, n) for n in names]
+        files += names
         labels += [label] * len(names)
     return files, labels, classes
+
+
+def images_below(folder):
+    """The image files at any depth below `folder`. A link to a folder above itself would
+    list the same images again at every level, so it is refused."""
+    def fail(error):
+        raise error
+
+    found = []
+    for path, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        here = os.path.realpath(path)
+        for d in dirs:
+            target = os.path.realpath(os.path.join(path, d))
+            if here == target or here.startswith(target + os.sep):
+                raise UserError(f'{os.path.join(path, d)} links to {target}, a folder above it, so its images '
+                                f'would be listed again at every level; remove the link')
+        found.append((path, sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))))
+    return [os.path.join(path, n) for path, names in sorted(found) for n in names]
 
 
 def check_same_classes(first, first_classes, second, second_classes):
@@ -107,7 +127,7 @@ def decode_images(files, threads=4):
     converted to RGB (alpha is dropped, not blended)."""
     def decode(path):
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 if im.size != (32, 32):
                     raise UserError(f'{path} is not a 32x32 image; the CIFAR networks need 32x32 inputs')
                 if im.mode in WIDE_MODES:
@@ -117,9 +137,35 @@ def decode_images(files, threads=4):
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); remove or replace the file')
 
-    # Pillow releases the GIL while decoding, so threads speed this up.
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    # Pillow releases the GIL while decoding, so threads speed this up. The warning filter is
+    # set once here, not in each thread: catch_warnings is not thread-safe.
+    with refusing_decompression_bombs(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return torch.stack(list(pool.map(decode, files, chunksize=256)))
+
+
+@contextlib.contextmanager
+def refusing_decompression_bombs():
+    """Within it, Pillow's DecompressionBombWarning (an image of more than Image.MAX_IMAGE_PIXELS
+    pixels, which it would still decode) is raised as an error, as its DecompressionBombError
+    (twice the limit) is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        yield
+
+
+def open_image(path):
+    """Image.open, refusing an image whose pixel count alone could exhaust memory (a
+    decompression bomb) as a UserError naming the file."""
+    try:
+        im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f'{path} is refused as a decompression bomb ({e}); remove the file or shrink '
+                        f'the image') from None
+    if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float('inf')):
+        im.close()  # the warning went elsewhere (filters changed by another thread): refuse all the same
+        raise UserError(f'{path} is refused as a decompression bomb ({im.width * im.height} pixels, '
+                        f'above Pillow\'s limit of {Image.MAX_IMAGE_PIXELS}); remove the file or shrink the image')
+    return im
 
 
 RELEASE = {'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'labels'),
@@ -139,23 +185,47 @@ class ArrayUnpickler(pickle.Unpickler):
 
 
 def load_torchvision_release(dataroot, dataset, train):
-    folder, train_files, test_files, label_key = RELEASE[dataset]
+    folder, train_files, test_files, _ = RELEASE[dataset]
     root = os.path.join(dataroot, folder)
     if not os.path.isdir(root):
         download_release(dataroot, dataset)
-    images, labels = [], []
-    for name in train_files if train else test_files:
-        path = os.path.join(root, name)
-        try:
-            with open(path, 'rb') as f:
-                batch = ArrayUnpickler(f, encoding='latin1').load()
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise UserError(f'cannot read {path} ({e}); delete {root} and unpack the {dataset} '
-                            f'python release there again') from None
+    batches = [read_release_batch(root, name, dataset) for name in (train_files if train else test_files)]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def check_cifar_release(dataroot, dataset):
+    """Reads every batch of the python release under dataroot, if it is there, so that a
+    damaged one is refused before anything is written. Reading the pickles takes well under a
+    second; load_cifar reads them again rather than holding 180 MB from this check."""
+    root = os.path.join(dataroot, RELEASE[dataset][0])
+    if os.path.isdir(root):  # else load_cifar downloads it, and checks it as it reads it
+        for name in RELEASE[dataset][1] + RELEASE[dataset][2]:
+            read_release_batch(root, name, dataset)
+
+
+def read_release_batch(root, name, dataset):
+    """(images uint8 N x 3 x 32 x 32, labels int64 N) of one batch file of the python release,
+    refused unless it holds one 3,072-byte row (32x32 RGB) per image and one valid label each."""
+    path, label_key = os.path.join(root, name), RELEASE[dataset][3]
+    again = f'delete {root} and unpack the {dataset} python release there again'
+    try:
+        with open(path, 'rb') as f:
+            batch = ArrayUnpickler(f, encoding='latin1').load()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f'cannot read {path} ({e}); {again}') from None
+    if isinstance(batch, dict):
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-        images.append(torch.from_numpy(np.asarray(batch['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
-        labels.append(torch.tensor(batch[label_key], dtype=torch.int64))
-    return torch.cat(images), torch.cat(labels)
+    if not isinstance(batch, dict) or 'data' not in batch or label_key not in batch:
+        raise UserError(f'{path} is not a {dataset} batch (no "data" and "{label_key}" entries); {again}')
+    data, labels = batch['data'], np.asarray(batch[label_key])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = f'{data.dtype} rows of shape {data.shape[1:]}' if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f'{path} holds {shape}, not uint8 rows of 3,072 bytes (32x32 RGB); {again}')
+    if labels.shape != (len(data),):
+        raise UserError(f'{path} holds {len(data)} images but {labels.size} labels; {again}')
+    if len(labels) and (labels.dtype.kind not in 'iu' or labels.min() < 0 or labels.max() >= NUM_CLASSES[dataset]):
+        raise UserError(f'{path} holds labels outside 0..{NUM_CLASSES[dataset] - 1}; {again}')
+    return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(labels.astype(np.int64))
 
 
 def download_release(dataroot, dataset):

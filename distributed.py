@@ -157,6 +157,14 @@ def all_reduce_sum(t):
     return t
 
 
+def lost_a_process(error):
+    """Whether `error` is a collective failing because another process of the job is gone:
+    NCCL raises DistBackendError, gloo a RuntimeError quoting its own source file (its
+    'Connection reset by peer' when a process was killed)."""
+    return active() and isinstance(error, RuntimeError) and (
+        isinstance(error, getattr(dist, 'DistBackendError', ())) or 'gloo' in str(error))
+
+
 def shutdown():
     if active():
         dist.destroy_process_group()

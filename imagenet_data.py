@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import distributed
-from data import check_same_classes, list_image_tree
+from data import check_same_classes, list_image_tree, open_image, refusing_decompression_bombs
 from errors import UserError
 
 # Per-channel statistics of the ImageNet training set on the 0..255 scale (torchvision's).
@@ -86,7 +86,8 @@ class ImageFiles(torch.utils.data.Dataset):
         index, seed = key
         path = self.paths[index]
         try:
-            with Image.open(path) as im:
+            # One image per call in a worker process (or the main thread): the filter is safe here.
+            with refusing_decompression_bombs(), open_image(path) as im:
                 im = im.convert('RGB')
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); remove or replace the file') from None

@@ -15,8 +15,9 @@ import re
 
 import torch
 
+from checkpoint import check_finite
 from errors import UserError
-from models import cifar_resnet, resnet_bottleneck, vgg, mobilenetv2, shufflenetv1, shufflenetv2
+from models import cifar_resnet, mobilenetv2, resnet_bottleneck, shufflenetv1, shufflenetv2, vgg
 from resnet import resnet
 
 NETWORKS = {  # arch -> (family, constructor of num_classes)
@@ -35,7 +36,8 @@ ARCHS = tuple(NETWORKS)
 
 
 def network(arch, num_classes):
-    """(f, params) for one of ARCHS, f(x, params, mode, base='') -> (logits, groups)."""
+    """(f, params) for one of ARCHS, f(x, params, mode, base='') -> (logits, groups), or with
+    pooled=True (logits, groups, feature), feature the classifier's (B, C) input."""
     if arch not in NETWORKS:
         raise UserError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHS)}')
     return NETWORKS[arch][1](num_classes)
@@ -120,6 +122,7 @@ def load_repdistiller(path, arch, num_classes):
     if problem:
         raise UserError(f'{path} is not a RepDistiller {arch} for {num_classes} classes: {problem}; '
                         f'check the architecture and the number of classes')
+    check_finite(state, f'teacher {path}', 'retrain the teacher or pass another checkpoint as --teacher_params')
     theirs = {v: k for k, v in ours.items()}
     return {k: state[theirs[k]].detach().float().requires_grad_(False) for k in expected}
 

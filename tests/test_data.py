@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import Loader, load_cifar, random_crop_flip, reflect, MEAN, STD
-from errors import UserError
 from conftest import make_image_tree
+from data import MEAN, STD, Loader, load_cifar, random_crop_flip, reflect
+from errors import UserError
 
 
 def candidates(image, pad):
@@ -117,3 +117,95 @@ def test_batches_come_in_the_layout_the_step_computes_in(channels_last):
         x, _, _ = next(iter(loader))
         layout = torch.channels_last if channels_last else torch.contiguous_format
         assert x.is_contiguous(memory_format=layout), (train, pad)
+
+
+def test_images_in_sub_folders_of_a_class_count_as_torchvision_imagefolder_counts_them(tmp_path):
+    """ImageFolder takes a class's images at any depth, links followed; leaving them out would
+    train on part of the data without a word."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from data import list_image_tree
+    root = make_image_tree(str(tmp_path / 'data'), n_train=20, n_test=10)
+    for sub in ('more', 'more/deeper', 'a b', 'z'):
+        os.makedirs(tmp_path / 'data/train/class3' / sub)
+        Image.new('RGB', (32, 32), (1, 2, 3)).save(tmp_path / 'data/train/class3' / sub / '0.png')
+    os.makedirs(tmp_path / 'elsewhere')
+    Image.new('RGB', (32, 32), (4, 5, 6)).save(tmp_path / 'elsewhere/linked.png')
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'data/train/class7/link')
+    files, labels, classes = list_image_tree(os.path.join(root, 'train'))
+    assert list(zip(files, labels)) == ImageFolder(os.path.join(root, 'train')).samples
+    assert len(files) == 20 + 4 + 1 and files.count(os.path.join(root, 'train/class7/link/linked.png')) == 1
+    images, _ = load_cifar(root, 'CIFAR10', True)
+    assert len(images) == 25
+
+
+def test_a_link_to_a_folder_above_is_refused_rather_than_listed_at_every_level(tmp_path):
+    from data import list_image_tree
+    root = make_image_tree(str(tmp_path), n_train=10, n_test=10)
+    os.symlink(tmp_path / 'train/class2', tmp_path / 'train/class2/loop')
+    with pytest.raises(UserError, match='class2/loop links to .*class2, a folder above it'):
+        list_image_tree(os.path.join(root, 'train'))
+
+
+def write_batch(path, **batch):
+    import pickle
+    with open(path, 'wb') as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda b: {**b, 'data': b['data'][:, :3000]}, 'uint8 rows of shape (3000,), not uint8 rows of 3,072 bytes'),
+    (lambda b: {**b, 'data': b['data'].astype('float32')}, 'float32 rows'),
+    (lambda b: {**b, 'labels': b['labels'][:-1]}, 'holds 20 images but 19 labels'),
+    (lambda b: {**b, 'labels': [10] + b['labels'][1:]}, 'labels outside 0..9'),
+    (lambda b: {'data': b['data']}, 'no "data" and "labels" entries'),
+])
+def test_a_damaged_release_batch_is_refused_naming_the_file(python_release, tmp_path, damage, message):
+    import pickle
+    import shutil
+    shutil.copytree(python_release, tmp_path / 'r')
+    path = tmp_path / 'r/cifar-10-batches-py/data_batch_3'
+    with open(path, 'rb') as f:
+        batch = pickle.load(f)
+    write_batch(path, **damage(batch))
+    from data import check_cifar_release
+    with pytest.raises(UserError, match='data_batch_3') as e:
+        check_cifar_release(str(tmp_path / 'r'), 'CIFAR10')
+    assert message in str(e.value) and 'unpack the CIFAR10 python release there again' in str(e.value)
+    with pytest.raises(UserError, match='data_batch_3'):
+        load_cifar(str(tmp_path / 'r'), 'CIFAR10', True)
+
+
+def test_cifar_py_refuses_a_damaged_release_before_anything_is_written(python_release, tmp_path):
+    """A label list one short trained until the index ran off the end, after the run folder
+    was made."""
+    import pickle
+    import shutil
+
+    import cifar
+    from conftest import run_in_process
+    shutil.copytree(python_release, tmp_path / 'r')
+    path = tmp_path / 'r/cifar-10-batches-py/test_batch'
+    with open(path, 'rb') as f:
+        batch = pickle.load(f)
+    write_batch(path, data=batch['data'], labels=batch['labels'][:-1])
+    result = run_in_process(cifar.main, '--depth', 10, '--epochs', 1, '--dataroot', tmp_path / 'r', '--nthread', 1,
+                            '--save', 'logs/r', cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'test_batch holds 40 images but 39 labels' in lines[0], result.stderr
+    assert not os.path.exists(tmp_path / 'logs')
+
+
+@pytest.mark.parametrize('limit', [600, 100], ids=['warning', 'error'])
+def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch, limit):
+    """Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; 32x32 is 1,024 pixels."""
+    from PIL import Image
+
+    from data import decode_images
+    make_image_tree(str(tmp_path), n_train=10, n_test=10)
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
+    files = sorted(str(p) for p in (tmp_path / 'test').rglob('*.png'))
+    with pytest.raises(UserError, match=f'{files[0]} is refused as a decompression bomb'):
+        decode_images(files, threads=2)

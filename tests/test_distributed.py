@@ -83,6 +83,26 @@ def test_every_process_stops_when_one_diverges(tmp_path):
         assert m is not None and 'diverged at epoch 2, step 3' in m and 'cross_entropy' in m
 
 
+def progress_and_log_of_two_ranks(rank, world):
+    """Three global batches of 9 samples (5 on rank 0, 4 on rank 1), each process's own loss
+    on its slice: what the progress bar shows and what the epoch's log line will say."""
+    from training import MeanStd, shown_loss
+    meter = MeanStd()
+    for loss in ([2.0, 1.0, 3.0], [4.0, 0.5, 1.0])[rank]:
+        meter.update((torch.tensor(loss), distributed.share(9)))
+    stopped = SimpleNamespace(stopped='diverged', train_meters=None)
+    training = SimpleNamespace(stopped=None, train_meters=SimpleNamespace(metrics={'loss': meter}))
+    return {'bar': float(shown_loss([stopped, training])), 'log': meter.compute()[0]}
+
+
+def test_the_progress_bar_shows_the_loss_of_the_whole_batch(tmp_path):
+    """Each process's values are weighted by its share of the batch, so one process alone
+    showed about half the loss under two processes."""
+    expected = sum(5 / 9 * a + 4 / 9 * b for a, b in zip([2.0, 1.0, 3.0], [4.0, 0.5, 1.0])) / 3
+    for r in spawn(progress_and_log_of_two_ranks, tmp_path):
+        assert r['bar'] == pytest.approx(expected) and r['log'] == pytest.approx(expected), r
+
+
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda d: pytest.fail('set_device reached'))
@@ -122,3 +142,49 @@ def test_only_rank_0_reports_an_error_and_the_others_leave_after_it(monkeypatch,
     assert stop.value.code == 2
     assert capsys.readouterr().err.endswith('error: --lr -1.0 is not positive\n') == main_rank
     assert waits == ([] if main_rank else [errors.RANK_0_REPORTS_S]) and errors.RANK_0_REPORTS_S >= 1
+
+
+def rank_process(launcher_pid, rank):
+    """The pid of the worker torchrun started as `rank`."""
+    with open(f'/proc/{launcher_pid}/task/{launcher_pid}/children') as f:
+        children = f.read().split()
+    for pid in children:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            if f'RANK={rank}'.encode() in f.read().split(b'\0'):
+                return int(pid)
+    raise AssertionError(f'no worker of rank {rank} among {children}')
+
+
+@pytest.mark.parametrize('killed', [1, 0])
+def test_a_killed_process_ends_the_others_with_one_line_saying_how_to_resume(image_tree, tmp_path, killed):
+    """kill -9 of one worker: the survivor's next collective fails at once; it says so in one
+    line (rank 0 may be the one that died, so any survivor does), not with gloo's traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(ROOT, 'cifar.py'), '--depth', '10', '--batch_size', '10', '--epochs', '100',
+                             '--dataroot', image_tree, '--nthread', '1', '--save', 'logs/k'],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = tmp_path / 'logs/k/log.txt'
+        deadline = time.time() + 240
+        while not (log.exists() and log.read_text().count('json_stats') >= 1):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.kill(rank_process(proc.pid, killed), signal.SIGKILL)
+        start = time.time()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.time() - start < 30
+    ours = [line for line in err.splitlines() if line.startswith('cifar.py: ')]
+    assert len(ours) == 1, err[-3000:]
+    assert 'a process of this torchrun job died' in ours[0], ours
+    assert 'resume from the last checkpoint with --resume logs/k/model.pt7 --save logs/k' in ours[0], ours
+    assert os.path.join(ROOT, 'training.py') not in err, err[-3000:]  # no traceback of ours

@@ -183,7 +183,8 @@ def test_loader_batches_depend_only_on_seed_and_epoch(tmp_path):
     x, y, _ = first[0]
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert abs(x.mean().item()) < 3 and sorted(torch.cat([y for _, y, _ in first]).tolist()) == [0] * 3 + [1] * 3 + [2] * 3
+    labels = sorted(torch.cat([y for _, y, _ in first]).tolist())
+    assert abs(x.mean().item()) < 3 and labels == [0] * 3 + [1] * 3 + [2] * 3
     workers = ImageFolderLoader(str(root / 'train'), 4, train=True, seed=5, nthread=2)
     workers.set_epoch(1, skip=1)
     rest = list(workers)
@@ -242,6 +243,8 @@ def test_a_cohort_of_students_shares_the_teacher(tmp_path):
     root = make_image_folder(tmp_path / 'images')
     torch.save(randomised(torchvision.models.resnet18(weights=None, num_classes=3)).state_dict(),
                tmp_path / 'resnet18.pth')
+    os.makedirs(root / 'train/n00000001/more')  # a class's sub-folders hold its images too
+    Image.new('RGB', (48, 40), (80, 80, 80)).save(root / 'train/n00000001/more/extra.jpg')
     members = '[{"name": "at", "seed": 1, "beta": 1000}, {"name": "kd", "seed": 2, "alpha": 0.9}]'
     ok(run_in_process(imagenet.main, '--imagenetpath', root, '--depth', 18, '--width', 0.25, '--teacher_params',
                       'resnet18.pth', '--batch_size', 4, '--nthread', 0, '--epochs', 1, '--save', 'logs/row',
@@ -250,6 +253,7 @@ def test_a_cohort_of_students_shares_the_teacher(tmp_path):
         [line] = log_lines(tmp_path / 'logs/row' / name)
         assert line['seed'] == seed and line['data_seed'] == 1 and line['save'] == f'logs/row/{name}'
         assert len(line['at_losses']) == 4 and 'test_top3' in line
+        assert (line['n_train'], line['n_test']) == (7, 3)
     at, kd = (torch.load(tmp_path / 'logs/row' / n / 'model.pt7', map_location='cpu', weights_only=True)['params']
               for n in ('at', 'kd'))
     assert not torch.equal(at['student.conv0'], kd['student.conv0'])  # each from its own seed
@@ -272,3 +276,30 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         'imagenet.py: error: teacher five.pth predicts 5 classes, the data has 3; pass a teacher '
         'trained on these classes']
     assert not os.path.exists(tmp_path / 'logs/x')
+
+
+def test_a_teacher_holding_nan_or_inf_is_refused_naming_the_tensor(tmp_path):
+    """Loaded, it would make every loss NaN, reported as the student diverging."""
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    sd['layer2.0.bn1.running_var'][3] = float('nan')
+    torch.save(sd, tmp_path / 'nan.pth')
+    with pytest.raises(UserError, match=re.escape('teacher ') + '.*nan.pth: layer2.0.bn1.running_var holds NaN'):
+        define_teacher(str(tmp_path / 'nan.pth'))
+    params = {k: v.detach() for k, v in define_student(18, 0.25, 3)[1].items()}
+    params['fc.weight'][0, 0] = float('inf')
+    torch.save({'params': params, 'optimizer': None, 'epoch': 1}, tmp_path / 'model.pt7')
+    with pytest.raises(UserError, match='model.pt7: fc.weight holds Inf values; retrain the teacher'):
+        define_teacher(str(tmp_path / 'model.pt7'))
+
+
+@pytest.mark.parametrize('nthread', [0, 1])
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch, nthread):
+    """Pillow warns above MAX_IMAGE_PIXELS and would decode it all the same; the worker's
+    error reaches the user as one line."""
+    root = make_image_folder(tmp_path / 'images')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1500)  # the images hold 1,600 to 2,800 pixels
+    loader = ImageFolderLoader(str(root / 'val'), batch_size=3, train=False, nthread=nthread)
+    with pytest.raises(UserError) as e:
+        next(iter(loader))
+    assert re.fullmatch(r'\S*/val/n00000000/0.png is refused as a decompression bomb \(.*\); remove the file '
+                        r'or shrink the image', str(e.value)), str(e.value)

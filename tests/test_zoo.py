@@ -3,6 +3,7 @@ import argparse
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import zoo
 from errors import UserError
@@ -76,6 +77,27 @@ def test_loaded_checkpoint_computes_what_repdistiller_computes(arch, tmp_path):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9 * ref_logits.abs().max().item())
     for g, r in zip(groups, feats[1:-1]):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
+    # the pooled feature is RepDistiller's feats[-1], the vector CC, RKD and PKT compare
+    with torch.no_grad():
+        pooled_logits, pooled_groups, feature = f(x, double(params), False, pooled=True)
+    assert feature.shape == feats[-1].shape and feature.abs().max() > 1e-3
+    torch.testing.assert_close(feature, feats[-1], rtol=1e-9, atol=1e-9 * feats[-1].abs().max().item())
+    assert torch.equal(pooled_logits, logits) and all(torch.equal(a, b) for a, b in zip(pooled_groups, groups))
+
+
+@pytest.mark.parametrize('arch', zoo.ARCHS)
+def test_pooled_feature_is_what_the_classifier_reads(arch):
+    torch.manual_seed(0)
+    f, params = zoo.network(arch, 10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = f(x, params, True)
+        logits, groups, feature = f(x, params, True, pooled=True)
+    assert len(plain) == 2 and feature.shape == (2, params['fc.weight'].shape[1])
+    torch.testing.assert_close(logits, F.linear(feature, params['fc.weight'], params['fc.bias']))
+    # pooled=False returns what it always did: the same logits and groups, bit for bit
+    assert torch.equal(plain[0], logits) and len(plain[1]) == len(groups)
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], groups))
 
 
 @pytest.mark.parametrize('arch', ONE_PER_FAMILY)
@@ -154,3 +176,15 @@ def test_refuses_missing_and_damaged_files(tmp_path):
     torch.save({'model': [1, 2]}, tmp_path / 'list.pth')
     with pytest.raises(UserError, match='list.pth holds no state dict'):
         zoo.load_repdistiller(str(tmp_path / 'list.pth'), 'resnet8', 100)
+
+
+def test_refuses_a_checkpoint_holding_nan_or_inf(tmp_path):
+    """A teacher with a NaN weight makes every loss NaN, which read as the student diverging."""
+    module = REFERENCES['resnet8'](100)
+    with torch.no_grad():
+        module.layer1[0].bn2.running_mean[1] = float('-inf')
+    path = save_repdistiller(module, tmp_path / 'resnet8.pth')
+    with pytest.raises(UserError, match=r'teacher .*resnet8.pth: layer1\.0\.bn2\.running_mean holds Inf values; '
+                                        r'retrain the teacher') as e:
+        zoo.load_repdistiller(path, 'resnet8', 100)
+    assert '\n' not in str(e.value)
