@@ -7,6 +7,9 @@ channel count changes. Key names match the reference code, so its checkpoints lo
 
 `define_student(depth, width, num_classes)` and `define_teacher(path)` are the ImageNet
 ResNet-18/34 of the paper's section 4.2; the teacher runs with its BNs folded into the convs.
+
+Every network also takes pooled=True and then returns (logits, groups, feature): the feature is
+the (B, C) vector its classifier reads, which relation-based methods (CC, RKD, PKT) compare.
 """
 import os
 import re
@@ -14,10 +17,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from checkpoint import network_params
+from checkpoint import check_finite, network_params
 from errors import UserError
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 
 def wrn_block_count(depth):
@@ -65,15 +67,15 @@ def resnet(depth, width, num_classes):
             o = block(o, params, f'{base}.block{i}', mode, stride if i == 0 else 1)
         return o
 
-    def f(input, params, mode, base=''):
+    def f(input, params, mode, base='', pooled=False):
         x = F.conv2d(input, params[base + 'conv0'], padding=1)
         g0 = group(x, params, base + 'group0', mode, 1)
         g1 = group(g0, params, base + 'group1', mode, 2)
         g2 = group(g1, params, base + 'group2', mode, 2)
         o = F.relu(batch_norm(g2, params, base + 'bn', mode))
         o = F.avg_pool2d(o, 8, 1, 0).flatten(1)
-        o = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        return o, (g0, g1, g2)
+        logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        return (logits, (g0, g1, g2), o) if pooled else (logits, (g0, g1, g2))
 
     return f, params
 
@@ -119,7 +121,7 @@ def define_student(depth, width, num_classes=1000):
             x = batch_norm(F.conv2d(x, params[base + '.conv_dim'], stride=stride), params, base + '.bn_dim', mode)
         return F.relu(o + x)
 
-    def f(input, params, mode, prefix=''):
+    def f(input, params, mode, prefix='', pooled=False):
         o = F.conv2d(input, params[prefix + 'conv0'], stride=2, padding=3)
         o = F.max_pool2d(F.relu(batch_norm(o, params, prefix + 'bn0', mode)), 3, 2, 1)
         outputs = []
@@ -128,7 +130,8 @@ def define_student(depth, width, num_classes=1000):
                 o = block(o, params, f'{prefix}group{g}.block{i}', mode, 2 if g and not i else 1)
             outputs.append(o)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias']), outputs
+        logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
+        return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f, params
 
@@ -144,7 +147,7 @@ def teacher_forward(blocks):
             x = F.conv2d(x, params[base + '.conv_dim.weight'], stride=stride)
         return F.relu(o + x)
 
-    def f(input, params, prefix=''):
+    def f(input, params, prefix='', pooled=False):
         o = F.conv2d(input, params[prefix + 'conv0.weight'], params[prefix + 'conv0.bias'], stride=2, padding=3)
         o = F.max_pool2d(F.relu(o), 3, 2, 1)
         outputs = []
@@ -153,7 +156,8 @@ def teacher_forward(blocks):
                 o = block(o, params, f'{prefix}group{g}.block{i}', 2 if g and not i else 1)
             outputs.append(o)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias']), outputs
+        logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
+        return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f
 
@@ -263,5 +267,7 @@ def define_teacher(path):
     with torch.device('meta'):  # shapes only
         expected = define_student(depth, params[stem].shape[0] / 64, params['fc.weight'].shape[0])[1]
     check_tensors(params, expected if has_bn else fold_batch_norm(expected), names, path, depth)
+    check_finite({names.get(k, k): v for k, v in params.items()}, f'teacher {path}',
+                 'retrain the teacher or pass other weights as --teacher_params')
     params = fold_batch_norm(params) if has_bn else params
     return teacher_forward(IMAGENET_BLOCKS[depth]), {k: v.float().requires_grad_(False) for k, v in params.items()}

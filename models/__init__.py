@@ -6,8 +6,11 @@ parameter dict like `resnet.resnet`:
     logits, groups = f(x, params, mode, base='')
 
 `groups` are the stage outputs that the CRD paper's attention-transfer baseline compares (its
-`feat[1:-1]`). The Wide ResNets are `resnet.resnet` itself. `zoo.py` names the architectures as
-the CRD paper's tables do and loads its published checkpoints.
+`feat[1:-1]`). With `pooled=True` every network returns `(logits, groups, feature)`, the feature
+being the (B, C) vector its classifier reads (RepDistiller's `feat[-1]`, which CC, RKD, PKT and
+CRD compare), from the same forward pass. The Wide ResNets are `resnet.resnet` itself.
+`zoo.py` names the architectures as the CRD paper's tables do and loads its published
+checkpoints.
 
     cifar_resnet      resnet8 ... resnet110, resnet8x4, resnet32x4 (basic blocks)
     resnet_bottleneck ResNet50 (bottleneck blocks, CIFAR stem)

@@ -16,8 +16,7 @@ groups: the three group outputs, after their last ReLU.
 """
 import torch.nn.functional as F
 
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 WIDTHS = {1: (16, 16, 32, 64), 4: (32, 64, 128, 256)}
 
@@ -43,7 +42,7 @@ def resnet(depth, widen, num_classes):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem),
         **groups, 'fc': linear_params(widths[-1], num_classes)}))
 
-    def f(x, params, mode, base=''):
+    def f(x, params, mode, base='', pooled=False):
         o = F.conv2d(x, params[base + 'conv0'], padding=1)
         o = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs = []
@@ -52,7 +51,8 @@ def resnet(depth, widen, num_classes):
                 o = basic_block(o, params, f'{base}group{g}.block{i}.', mode, stride(g, i))
             outputs.append(o)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias']), tuple(outputs)
+        logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
     return f, params
 

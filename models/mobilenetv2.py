@@ -18,8 +18,7 @@ groups: the outputs of stages 1, 2, 4 and 6, the last stage at each resolution (
 """
 import torch.nn.functional as F
 
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),  # t, c, n, s
           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -48,7 +47,7 @@ def mobilenetv2(num_classes, width=0.5):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem), **groups,
         'conv1': conv_params(ni, last, 1), 'bn1': bnparams(last), 'fc': linear_params(last, num_classes)}))
 
-    def f(x, params, mode, base=''):
+    def f(x, params, mode, base='', pooled=False):
         o = F.conv2d(x, params[base + 'conv0'], stride=2, padding=1)
         o = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs = {}
@@ -59,7 +58,8 @@ def mobilenetv2(num_classes, width=0.5):
         o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        return logits, tuple(outputs[s] for s in GROUPS)
+        groups = tuple(outputs[s] for s in GROUPS)
+        return (logits, groups, o) if pooled else (logits, groups)
 
     return f, params
 

@@ -18,8 +18,7 @@ groups: the three stage outputs, after their last ReLU.
 import torch
 import torch.nn.functional as F
 
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 WIDTHS, BLOCKS, GROUPS = (240, 480, 960), (4, 8, 4), 3
 
@@ -46,14 +45,15 @@ def shufflenetv1(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base=''):
+    def f(x, params, mode, base='', pooled=False):
         o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
         outputs = [None] * len(BLOCKS)
         for g, i, g_in in units:
             o = shuffle_unit(o, params, f'{base}group{g}.block{i}.', mode, 2 if i == 0 else 1, g_in)
             outputs[g] = o
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias']), tuple(outputs)
+        logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
     return f, params
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.shufflenetv1 import channel_shuffle
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 WIDTHS, BLOCKS, LAST = (116, 232, 464), (3, 7, 3), 1024
 
@@ -40,7 +39,7 @@ def shufflenetv2(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'conv1': conv_params(ni, LAST, 1), 'bn1': bnparams(LAST), 'fc': linear_params(LAST, num_classes)}))
 
-    def f(x, params, mode, base=''):
+    def f(x, params, mode, base='', pooled=False):
         o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
         outputs = []
         for g, n in enumerate(BLOCKS):
@@ -50,7 +49,8 @@ def shufflenetv2(num_classes):
             outputs.append(o)
         o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias']), tuple(outputs)
+        logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
     return f, params
 

@@ -15,8 +15,7 @@ as in the CRD code, attention transfer leaves it out).
 import torch
 import torch.nn.functional as F
 
-from utils import conv_params, linear_params, bnparams, flatten, batch_norm, \
-    set_requires_grad_except_bn_
+from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 WIDTHS = (64, 128, 256, 512, 512)
 CONVS_PER_GROUP = {8: (1, 1, 1, 1, 1), 11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2),
@@ -39,7 +38,7 @@ def vgg(depth, num_classes):
         groups[f'group{g}'] = group
     params = set_requires_grad_except_bn_(flatten({**groups, 'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base=''):
+    def f(x, params, mode, base='', pooled=False):
         # The CRD code pools after group 3 only for 64x64 input (Tiny ImageNet), so that there
         # too the last group runs at 4x4.
         pools = (True, True, True, x.shape[2] == 64, False)
@@ -53,6 +52,7 @@ def vgg(depth, num_classes):
             if pools[g]:
                 o = F.max_pool2d(o, 2)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
-        return F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias']), tuple(outputs[1:])
+        logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        return (logits, tuple(outputs[1:]), o) if pooled else (logits, tuple(outputs[1:]))
 
     return f, params

@@ -4,8 +4,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses import at, at_loss, at_loss_paper, distillation, input_gradient, input_gradient_loss, \
-    symmetry_loss, feature_distance, cosine_loss
+from losses import (
+    at,
+    at_loss,
+    at_loss_paper,
+    cosine_loss,
+    distillation,
+    feature_distance,
+    input_gradient,
+    input_gradient_loss,
+    symmetry_loss,
+)
 
 
 def test_attention_map_is_normalised_channel_mean_of_squares():

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resnet import resnet, wrn_block_count
+from resnet import IMAGENET_BLOCKS, define_student, fold_batch_norm, resnet, teacher_forward, wrn_block_count
 
 
 @pytest.mark.parametrize('depth,width,count', [(16, 1, 175994), (16, 2, 693498),
@@ -116,3 +116,41 @@ def test_prefix_selects_one_network_of_a_shared_dict():
     shared = {'student.' + k: v for k, v in p.items()}
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(f(x, shared, False, 'student.')[0], f(x, p, False)[0])
+
+
+def test_pooled_feature_is_the_classifier_input_of_the_reference():
+    torch.manual_seed(3)
+    f, params = resnet(16, 1, 10)
+    ref = WRN(16, 1, 10).double().eval()
+    ref.load_flat(params)
+    params = {k: v.double() for k, v in params.items()}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    captured = []
+    ref.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    with torch.no_grad():
+        y, groups = f(x, params, False)
+        y_pooled, groups_pooled, feature = f(x, params, False, pooled=True)
+        ref(x)
+    assert feature.shape == (2, 64)
+    torch.testing.assert_close(feature, captured[0])
+    torch.testing.assert_close(y_pooled, F.linear(feature, params['fc.weight'], params['fc.bias']))
+    assert torch.equal(y, y_pooled) and all(torch.equal(a, b) for a, b in zip(groups, groups_pooled))
+
+
+def test_imagenet_student_and_folded_teacher_hand_out_the_pooled_feature():
+    torch.manual_seed(4)
+    student, params = define_student(18, 0.125, 10)
+    for k, v in params.items():  # statistics away from 0 and 1, so folding them changes something
+        if k.endswith('running_var'):
+            v.uniform_(0.5, 2)
+    teacher, folded = teacher_forward(IMAGENET_BLOCKS[18]), fold_batch_norm(params)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for f, p, args in ((student, params, (False,)), (teacher, folded, ())):
+            y, groups = f(x, p, *args)
+            y_pooled, groups_pooled, feature = f(x, p, *args, pooled=True)
+            assert feature.shape == (2, 64)
+            torch.testing.assert_close(y_pooled, F.linear(feature, p['fc.weight'], p['fc.bias']))
+            assert torch.equal(y, y_pooled) and all(torch.equal(a, b) for a, b in zip(groups, groups_pooled))
+        torch.testing.assert_close(teacher(x, folded, pooled=True)[2], student(x, params, False, pooled=True)[2],
+                                   rtol=1e-4, atol=1e-4)
