@@ -14,16 +14,15 @@ import os
 
 import distributed
 import zoo
-
-from checkpoint import CHECKPOINT, read_log, load_checkpoint, copy_params_, network_params
-from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES, Loader, check_cifar_tree, load_cifar
-from errors import UserError, reports_user_errors
+from checkpoint import CHECKPOINT, check_finite, copy_params_, load_checkpoint, network_params, read_log
 from cohort import start_runs
+from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES, Loader, check_cifar_release, check_cifar_tree, load_cifar
 from devices import uses_channels_last
+from errors import UserError, reports_user_errors
 from options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_options, check_paths
 from resnet import resnet
 from training import build_members, train
-from utils import print_tensor_dict, DTYPES
+from utils import DTYPES, print_tensor_dict
 
 TEACHER_FLAGS = ('teacher_id', 'teacher_params')  # either gives a run its teacher
 
@@ -72,7 +71,7 @@ def network(arch, depth, width, num_classes):
 
 def load_teacher(opt, num_classes):
     """(f_t, params_t) of --teacher_id or --teacher_params, or None: f_t(x, params, prefix)
-    runs the teacher in inference mode."""
+    runs the teacher in inference mode (f_t(..., pooled=True) adds its pooled feature)."""
     if opt.teacher_params:
         f, params = zoo.network(opt.teacher_arch, num_classes)[0], \
             zoo.load_repdistiller(opt.teacher_params, opt.teacher_arch, num_classes)
@@ -80,7 +79,7 @@ def load_teacher(opt, num_classes):
         f, params = load_teacher_run(opt.teacher_id, num_classes)
     else:
         return None
-    return (lambda x, params, prefix: f(x, params, False, prefix)), params
+    return (lambda x, params, prefix, **pooled: f(x, params, False, prefix, **pooled)), params
 
 
 def load_teacher_run(teacher_id, num_classes):
@@ -103,7 +102,9 @@ def load_teacher_run(teacher_id, num_classes):
     f, params = network(arch, info['depth'], info['width'], num_classes)
     path = os.path.join(run_dir, CHECKPOINT)
     # A student run's checkpoint holds both networks: its student can teach.
-    copy_params_(params, network_params(load_checkpoint(path)['params']), path)
+    loaded = network_params(load_checkpoint(path)['params'])
+    check_finite(loaded, f'teacher {path}', 'retrain the teacher or pick another --teacher_id')
+    copy_params_(params, loaded, path)
     for v in params.values():
         v.requires_grad_(False)
     return f, params
@@ -113,7 +114,9 @@ def load_teacher_run(teacher_id, num_classes):
 def main(argv=None):
     opt = parse_args(argv)
     check_paths(opt)
-    check_cifar_tree(opt.dataroot, opt.dataset)  # lists folders only: nothing is decoded yet
+    # Folder listings, or the release's batches read (not kept): a defect is refused before anything is written.
+    if check_cifar_tree(opt.dataroot, opt.dataset) is None:
+        check_cifar_release(opt.dataroot, opt.dataset)
     device, runs = start_runs(opt, CIFAR_RULES, TEACHER_FLAGS)
     num_classes = NUM_CLASSES[opt.dataset]
 
@@ -131,7 +134,8 @@ def main(argv=None):
     if distributed.is_main():
         print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
-    train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device)
+    train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device,
+          n_images=(len(train_images), len(test_images)))
 
 
 if __name__ == '__main__':

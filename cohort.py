@@ -23,11 +23,14 @@ from checkpoint import CHECKPOINT, LOG, load_checkpoint
 from devices import choose_device
 from errors import UserError
 from options import check_run_options
+from run_lock import lock_run_dir
+from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
 
 # What may differ between the members of a cohort: the loss and the initialisation. Everything
 # else (architecture, teacher, data, schedule, precision) is shared.
 MEMBER_OPTIONS = ('seed', 'alpha', 'beta', 'temperature', 'beta_decay', 'at_p', 'at_form', 'grad_beta',
-                  'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight')
+                  'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS,
+                  *BENCHMARK_SETTINGS)
 
 
 def read_members(text):
@@ -45,6 +48,9 @@ def read_members(text):
         members = json.loads(text)
     except ValueError as e:
         raise UserError(f'{source} is not valid JSON ({e}); give a list of member objects, e.g. '
+                        f'[{{"name": "at-1", "seed": 1, "beta": 1000}}]') from None
+    except RecursionError:  # json nests by recursion: thousands of brackets exhaust the stack
+        raise UserError(f'{source} nests JSON too deeply to read; give a flat list of member objects, e.g. '
                         f'[{{"name": "at-1", "seed": 1, "beta": 1000}}]') from None
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise UserError(f'{source} is not a non-empty JSON list of member objects, e.g. '
@@ -136,13 +142,30 @@ def seed_generators(seed):
 
 
 def start_runs(opt, rules, teacher_flag):
-    """What every command does before it loads data: report its options, refuse bad ones and
-    occupied run directories before anything is written, join torchrun's processes, settle the
-    seeds. Returns the device and the option namespace of each run."""
+    """What every command does before it loads data: report its options, refuse bad ones, join
+    torchrun's processes, lock the run directories and refuse occupied ones before anything is
+    written, settle the seeds. Returns the device and the option namespace of each run."""
     if distributed.is_main():
         print('parsed options:', vars(opt))
     runs = member_runs(opt, rules, teacher_flag)
-    states = [check_run_dir(run) for run in runs]
     device = choose_device(opt)
+    lock_run_dirs(opt, runs)
+    states = [check_run_dir(run) for run in runs]
     resolve_seeds(opt, runs, states)
     return device, runs
+
+
+def lock_run_dirs(opt, runs):
+    """Claims every folder this command writes (the cohort's own and each member's) before
+    any is read: two commands checking the same empty folder would otherwise both find it
+    free. Only rank 0 writes, so only rank 0 locks; a refusal ends every rank."""
+    refusal = None
+    if distributed.is_main():
+        try:
+            for run_dir in dict.fromkeys([opt.save, *(run.save for run in runs)]):
+                lock_run_dir(run_dir)
+        except UserError as e:
+            refusal = str(e)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal:
+        raise UserError(refusal)

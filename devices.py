@@ -40,9 +40,20 @@ def choose_device(opt):
     return torch.device('cuda' if visible else 'cpu')
 
 
+# Testing aid: AT_CPU_BF16=1 or 0 makes this CPU count as one with or without bf16 units, so
+# that one machine can check what --precision auto does on the other kind.
+FORCE_CPU_BF16 = 'AT_CPU_BF16'
+
+
 def cpu_has_bf16():
     """oneDNN runs bf16 convolutions fast only on CPUs with AVX512-BF16 or AMX units; elsewhere
-    it emulates them, slower than fp32."""
+    it emulates them, slower than fp32. AT_CPU_BF16 (1 or 0), when set, answers instead."""
+    forced = os.environ.get(FORCE_CPU_BF16, '')
+    if forced:
+        if forced not in ('0', '1'):
+            raise UserError(f'{FORCE_CPU_BF16}={forced!r} is neither 0 nor 1; set {FORCE_CPU_BF16}=1 (a CPU '
+                            f'with bf16 units) or 0 (one without), or unset it to detect the CPU')
+        return forced == '1'
     check = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
     return bool(check and check())
 
@@ -59,12 +70,28 @@ def uses_channels_last(opt):
     return not opt.reference and opt.dtype == 'float'
 
 
+def trains_in_bf16(opt, device):
+    """Whether the fast path trains under bf16 autocast: --precision bf16 or fp32 says so, auto
+    where the hardware has bf16 units. --reference and --dtype runs never autocast (options.py
+    refuses --precision bf16 with either)."""
+    if not uses_channels_last(opt) or opt.precision == 'fp32':
+        return False
+    has_bf16 = cuda_has_bf16(device) if device.type == 'cuda' else cpu_has_bf16()
+    if opt.precision == 'bf16' and not has_bf16 and distributed.is_main():
+        # Emulated bf16 gives the same arithmetic, only slower: worth a word, not a refusal.
+        where = 'this GPU (compute capability below 8.0)' if device.type == 'cuda' else \
+            'this CPU (no AVX512-BF16 or AMX)'
+        print(f'--precision bf16: {where} has no bf16 units; bf16 is emulated, slower than fp32 '
+              f'(--precision auto would train in fp32 here)', flush=True)
+    return opt.precision == 'bf16' or has_bf16
+
+
 def speed_settings(opt, device, epochs_to_run):
-    """bf16 autocast and channels_last where the hardware is fast at them, a fused optimizer, and
-    torch.compile for runs long enough to win back its start-up cost. --reference turns all of it
-    off: fp32, NCHW, plain SGD, no TF32, the original's arithmetic."""
+    """bf16 autocast (--precision) and channels_last where the hardware is fast at them, a fused
+    optimizer, and torch.compile for runs long enough to win back its start-up cost. --reference
+    turns all of it off: fp32, NCHW, plain SGD, no TF32, the original's arithmetic."""
     fast = uses_channels_last(opt)
-    bf16 = fast and (cuda_has_bf16(device) if device.type == 'cuda' else cpu_has_bf16())
+    bf16 = trains_in_bf16(opt, device)
     # Compiling takes about a minute per graph on a 2-core CPU (train, eval, and each partial
     # last batch are separate graphs) and saves about 30% of every step after that.
     # Gradient-based terms differentiate twice, which compiled graphs do not support (a cohort

@@ -17,7 +17,7 @@ from imagenet_data import ImageFolderLoader, check_image_folders
 from options import IMAGENET_RULES, add_common_arguments, check_options, check_paths
 from resnet import define_student, define_teacher
 from training import build_members, train
-from utils import print_tensor_dict, DTYPES
+from utils import DTYPES, print_tensor_dict
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def main(argv=None):
         print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
     train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device,
-          topk=min(5, num_classes))
+          topk=min(5, num_classes), n_images=(train_loader.order.n, test_loader.order.n))
 
 
 if __name__ == '__main__':

@@ -15,8 +15,10 @@ import os
 import re
 from collections import namedtuple
 
+import tensorboard_log
 from checkpoint import CHECKPOINT, LOG, read_log
 from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
+from devices import cpu_has_bf16
 from errors import UserError
 from resnet import IMAGENET_BLOCKS, wrn_block_count
 from transfer import NEEDS_TEACHER, WEIGHT_FLAGS, add_transfer_loss_arguments, double_backward
@@ -47,6 +49,7 @@ SEED_LIMIT = 2 ** 32
 # CUDA_VISIBLE_DEVICES entries: indices (-1 hides every GPU) or GPU/MIG UUIDs.
 GPU = r'(-?\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)'
 GPU_IDS = re.compile(f'{GPU}(,{GPU})*')
+PRECISIONS = ['auto', 'bf16', 'fp32']
 
 
 def epoch_steps(text):
@@ -89,6 +92,9 @@ def add_common_arguments(p):
     p.add_argument('--reference', action='store_true',
                    help='fp32, NCHW, plain SGD: the original arithmetic (default: bf16 autocast and '
                         'channels_last where the hardware is fast at them)')
+    p.add_argument('--precision', default='auto', choices=PRECISIONS,
+                   help='training precision of the fast path: bf16 autocast, fp32, or auto (bf16 where '
+                        'the CPU or GPU has bf16 units); evaluation is always fp32')
     p.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
                    help='torch.compile the forward and loss (auto: for runs of 10 or more epochs)')
     p.add_argument('--compile_mode', default='default', choices=['default', 'reduce-overhead'],
@@ -103,6 +109,13 @@ def add_common_arguments(p):
     p.add_argument('--gpu_id', default='', type=str,
                    help='GPU id(s) to use, e.g. 0 or 0,1; sets CUDA_VISIBLE_DEVICES (default: '
                         'leave it as it is)')
+    # Live curves
+    p.add_argument('--tensorboard', default='auto', choices=tensorboard_log.CHOICES,
+                   help='write TensorBoard curves of each run to <save>/tb/ (auto: where the tensorboard '
+                        'package is installed)')
+    p.add_argument('--tensorboard_every', default=50, type=int, metavar='N',
+                   help='write the training loss to the curves every N steps (the epoch points come after '
+                        'each epoch)')
 
 
 # Flags of both scripts.
@@ -126,12 +139,22 @@ RULES = {
     'at_p': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'the paper uses 1, 2 or 4'),
     'at_form': choice(['code', 'paper']),
     'beta_decay': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use e.g. 0.1, or 1 for no decay'),
+    'cc_dim': Rule(INTEGER, lambda v: v >= 1, 'is below 1', "use CC's embedding size, e.g. 128"),
+    'rkd_w_d': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 25'),
+    'rkd_w_a': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 50'),
+    'kdsvd_k': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'compare at least one singular vector, e.g. 1'),
+    'dkd_alpha': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 1'),
+    'dkd_nckd': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 8'),
+    'dkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
+                       'use the epochs over which DKD warms up, e.g. 20, or 0 for none'),
+    'logit_stand': SWITCH_RULE,
     'seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
                  f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --seed out to draw one'),
     'data_seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
                       f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --data_seed out'),
     'cohort': ANY_TEXT,  # its members are checked one by one (cohort.py)
     'reference': SWITCH_RULE,
+    'precision': choice(PRECISIONS),
     'compile': choice(['auto', 'on', 'off']),
     'compile_mode': choice(['default', 'reduce-overhead']),
     'deterministic': SWITCH_RULE,
@@ -140,6 +163,9 @@ RULES = {
     'ngpu': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use 1, or the number of GPUs to split each batch over'),
     'gpu_id': Rule(TEXT, lambda v: v == '' or GPU_IDS.fullmatch(v) is not None,
                    'is not a comma-separated list of GPU ids', 'use e.g. 0 or 0,1'),
+    'tensorboard': choice(tensorboard_log.CHOICES),
+    'tensorboard_every': Rule(INTEGER, lambda v: v >= 1, 'is below 1',
+                              'write the training loss every N >= 1 steps, e.g. 50'),
 }
 
 CIFAR_RULES = {
@@ -204,6 +230,9 @@ def check_options(opt, rules, teacher_flag):
     """Refuses, before anything is loaded or written, any option outside its rule and the
     combinations that cannot train; for a cohort, the same for every member's options."""
     check_run_options(opt, rules, teacher_flag)
+    if opt.tensorboard == 'on' and not tensorboard_log.available():
+        raise UserError('--tensorboard on needs the tensorboard package, which is not installed; '
+                        'pip install tensorboard, or use --tensorboard auto or off')
     if opt.cohort:
         from cohort import member_runs  # cohort.py checks each member with check_run_options
         member_runs(opt, rules, teacher_flag)
@@ -215,6 +244,20 @@ def check_run_options(opt, rules, teacher_flag):
         check_option(flag, getattr(opt, flag), rules)
     flags = (teacher_flag,) if isinstance(teacher_flag, str) else teacher_flag
     check_transfer_options(opt, any(getattr(opt, f) for f in flags), ' or '.join('--' + f for f in flags))
+    check_precision(opt)
+
+
+def check_precision(opt):
+    """--precision chooses the fast path's training precision; --reference (the original fp32
+    arithmetic) and --dtype (every tensor in one type) already fix it, so a contradicting
+    --precision is refused rather than one of them silently winning."""
+    if opt.precision == 'bf16' and opt.reference:
+        raise UserError('--reference trains in fp32, the original arithmetic; drop --precision bf16, '
+                        'or drop --reference to train under bf16 autocast on the fast path')
+    if opt.precision != 'auto' and opt.dtype != 'float':
+        raise UserError(f'--dtype {opt.dtype} keeps every tensor in {opt.dtype}; drop --precision '
+                        f'{opt.precision}, or use --dtype float to choose the training precision')
+    cpu_has_bf16()  # a bad AT_CPU_BF16 is refused now, before any data is loaded
 
 
 def check_cifar_networks(opt):
@@ -316,7 +359,8 @@ def check_teacher_run(teacher_id):
 
 
 IMAGENET_TEACHER = 'pass a torchvision resnet18/34 state dict, the BN-folded export or a model.pt7 as --teacher_params'
-REPDISTILLER_TEACHER = 'pass a RepDistiller checkpoint such as resnet32x4_vanilla/ckpt_epoch_240.pth as --teacher_params'
+REPDISTILLER_TEACHER = ('pass a RepDistiller checkpoint such as resnet32x4_vanilla/ckpt_epoch_240.pth '
+                        'as --teacher_params')
 
 
 def check_teacher_file(path, what):

@@ -4,8 +4,8 @@
     python summarize.py logs --plot test_error.png     # every run under logs/, plus curves
 
 Runs that differ only in --seed, --save and other options that do not change what is learned
-(paths, threads, devices, the cohort a run was trained in) form one configuration; its row gives the median and min-max range
-of the final test error over those runs, as the paper reports medians over seeds. Reads the
+(paths, threads, devices, the cohort a run was trained in) form one configuration; its row gives
+the median and min-max range of the final test error over those runs, as the paper reports medians over seeds. Reads the
 log.txt of this code and of the original code (CIFAR and ImageNet), and of runs still going.
 """
 import argparse
@@ -15,24 +15,34 @@ import os
 import statistics
 import sys
 
-from checkpoint import LOG, LOG_PREFIX
+from checkpoint import LOG, log_records
 from errors import UserError, reports_user_errors
 
 # Options that say where or how fast a run ran, not what it learned.
 NOT_CONFIGURATION = {'seed', 'data_seed', 'save', 'resume', 'cohort', 'dataroot', 'data_root',
                      'imagenetpath', 'nthread', 'gpu_id', 'ngpu', 'cuda', 'compile', 'compile_mode',
-                     'deterministic'}
+                     'deterministic', 'precision', 'tensorboard', 'tensorboard_every'}
 # Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
+# The training precision (autocast) does not split a configuration either: under --precision
+# auto the same command trains in bf16 on one machine and in fp32 on another, and a row's
+# seeds may come from both; each run's log line still says which it was.
 PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_parameters',
-             'train_time', 'test_time', 'at_losses', 'loss_weights', 'gpu_memory_mib'}
+             'train_time', 'test_time', 'at_losses', 'loss_weights', 'gpu_memory_mib', 'autocast',
+             'n_train', 'n_test'}
 # Options at these values do what the code did before they existed: runs logged before the
 # options existed, and runs that leave them alone, are one configuration.
 NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_beta': 0,
            'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0,
            'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
-           'teacher_params': ''}
+           'teacher_params': '',
+           'sp_beta': 0, 'cc_beta': 0, 'rkd_beta': 0, 'pkt_beta': 0, 'nst_beta': 0, 'kdsvd_beta': 0,
+           'fsp_beta': 0, 'vid_beta': 0, 'dkd_beta': 0, 'cc_dim': 128, 'rkd_w_d': 25, 'rkd_w_a': 50,
+           'kdsvd_k': 1, 'dkd_alpha': 1, 'dkd_nckd': 8, 'dkd_warmup': 20, 'logit_stand': False}
+# The settings of those methods (transfer.BENCHMARK_SETTINGS), shown beside the weights when changed.
+METHOD_SETTINGS = ('cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd', 'dkd_warmup', 'logit_stand')
 # The weights of the terms that compare the student with its teacher.
-TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta')
+TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'sp_beta', 'cc_beta',
+                   'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta', 'vid_beta', 'dkd_beta')
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
 # The original code spelled these options differently; its runs group with ours.
 ORIGINAL_NAMES = {'batchSize': 'batch_size', 'weightDecay': 'weight_decay'}
@@ -73,19 +83,11 @@ def find_run_dirs(paths):
 
 def read_records(run_dir):
     """The json_stats records of a run, one per epoch (the latest line wins when a resumed
-    run repeated epochs). A last line cut short by a run writing it right now is skipped."""
+    run repeated epochs). A torn last line is left out, as every reader of logs does
+    (checkpoint.log_records)."""
     path = os.path.join(run_dir, LOG)
-    with open(path) as f:
-        lines = [line for line in f if LOG_PREFIX in line]
     by_epoch = {}
-    for n, line in enumerate(lines):
-        try:
-            record = json.loads(line.split(LOG_PREFIX, 1)[1])  # NaN, as the original wrote it, parses
-        except json.JSONDecodeError:
-            if n == len(lines) - 1:
-                continue
-            raise UserError(f'{path} has a damaged json_stats line ({line[:60].strip()}...); '
-                            f'repair or remove it') from None
+    for record in log_records(path):
         if 'epoch' not in record or 'test_acc' not in record:
             raise UserError(f'{path}: a json_stats line lacks epoch or test_acc; not a training log')
         by_epoch[record['epoch']] = record
@@ -146,7 +148,7 @@ def method_weights(o):
     names = ['alpha', 'beta'] + sorted(k for k in o if k.endswith('_beta') or k == 'aux_weight')
     shown = [f'{k} {o[k]:g}' for k in names if isinstance(o.get(k), (int, float)) and o[k]]
     shown += [f'{k} {o[k]:g}' if isinstance(o[k], float) else f'{k} {o[k]}'
-              for k in ('at_p', 'at_form', 'beta_decay') if k in o and o[k] != NEUTRAL[k]]
+              for k in ('at_p', 'at_form', 'beta_decay', *METHOD_SETTINGS) if k in o and o[k] != NEUTRAL[k]]
     return ', '.join(shown) or '-'
 
 
@@ -272,15 +274,24 @@ def plot_curves(groups, out, log_scale):
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
-    runs = []
+    runs, damaged = [], []
     for run_dir in find_run_dirs(opt.runs):
-        records = read_records(run_dir)
+        try:
+            records = read_records(run_dir)
+        except UserError as e:
+            damaged.append((run_dir, e))  # one damaged log should not hide the table of the others
+            continue
         if not records:
             print(f'{run_dir}: no epoch finished yet, left out', file=sys.stderr)
             continue
         runs.append(describe_run(run_dir, records))
+    if not runs and damaged:
+        raise damaged[0][1] if len(damaged) == 1 else UserError(
+            f'no run could be read: {"; ".join(str(e) for _, e in damaged)}')
     if not runs:
         raise UserError('none of the runs has finished an epoch yet; nothing to summarise')
+    for run_dir, e in damaged:
+        print(f'{os.path.basename(sys.argv[0])}: warning: {e}; {run_dir} left out', file=sys.stderr)
     groups = group_runs(runs)
     print(markdown_table(groups))
     if opt.plot:

@@ -11,6 +11,7 @@ checkpoint, so a log line always has its checkpoint. Under torchrun each process
 slice of every batch (distributed.py) and only rank 0 prints and writes.
 """
 import os
+import re
 import sys
 import time
 
@@ -20,16 +21,27 @@ from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 
 import distributed
-from checkpoint import CHECKPOINT, save_checkpoint, load_checkpoint, copy_params_, \
-    load_optimizer_state, append_log, rng_state, set_rng_state
+import tensorboard_log
+from checkpoint import (
+    CHECKPOINT,
+    WriteFailed,
+    append_log,
+    check_finite,
+    copy_params_,
+    load_checkpoint,
+    load_optimizer_state,
+    repair_log,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cohort import seed_generators
 from devices import speed_settings, uses_channels_last
-from errors import RunStopped
+from errors import LostProcess, RunStopped
 from options import epoch_steps
-from stopping import SignalStop, NonFiniteWatch
-from transfer import Transfer, double_backward, kind, step_schedule
+from stopping import WRITE_FAILED, NonFiniteWatch, SignalStop, resume_flags, standing_checkpoints, write_failure
+from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS, Transfer, double_backward, kind, step_schedule
 from utils import cast
-
 
 # ----------------------------------------------------------------------------------------------
 # What is optimised
@@ -83,6 +95,17 @@ class MeanStd(Metric):
         return [v.mean().item(), std]
 
 
+def shown_loss(members):
+    """The mean training loss so far this epoch of the first run still training, for the
+    progress bar. Under torchrun each process's running mean holds its share-weighted values,
+    so their sum (one small all-reduce, which every rank must join) is the mean over the global
+    batches: the figure the epoch's train_loss will log."""
+    meter = next((m.train_meters.metrics['loss'] for m in members if not m.stopped), None)
+    value = meter.running_mean() if meter is not None else float('nan')
+    # Every rank has the same members stopped and the same steps taken, so all or none reduce.
+    return distributed.all_reduce_sum(value) if torch.is_tensor(value) else value
+
+
 class Meters:
     """One run's meters over an epoch: loss, accuracy (top-1, and top-k for ImageNet) and one
     MeanStd per loss term, fed from the step's output for that run."""
@@ -132,11 +155,20 @@ class Member:
         self.watch = NonFiniteWatch(device)
         self.weights = {}  # of each kind of loss term, set at the start of each epoch
         self.start_iteration = 0
+        self.record = None  # the log line of the last completed epoch, kept in each checkpoint
+        self.saved = None  # what the checkpoint in this run's folder holds, once there is one
         if self.opt.resume:
             state = load_checkpoint(self.opt.resume)
             restore(state, self.params, self.optimizer, fused, self.opt.resume)
             # A run stopped mid-epoch resumes at the step after the last one it took.
             self.start_iteration = max(state.get('iteration') or 0, state['epoch'] * epoch_length)
+            self.record = state.get('log')
+            if os.path.normpath(self.opt.resume) == os.path.normpath(self.checkpoint):
+                self.saved = checkpoint_position(state['epoch'], state.get('iteration'), epoch_length)
+                if distributed.is_main():
+                    repaired = repair_log(self.opt.save, self.record)
+                    if repaired:
+                        print(f'{os.path.basename(sys.argv[0])}: {repaired}', file=sys.stderr, flush=True)
         return self.start_iteration
 
     def trains_at(self, iteration):
@@ -151,6 +183,11 @@ class Member:
     @property
     def checkpoint(self):
         return os.path.join(self.opt.save, CHECKPOINT)
+
+
+def checkpoint_position(epochs_done, iteration, epoch_length):
+    step = (iteration or 0) - epochs_done * epoch_length
+    return f'epoch {epochs_done + 1}, step {step}' if step > 0 else f'after epoch {epochs_done}'
 
 
 def build_members(runs, make_student, teacher, *, image_size, device, channels_last):
@@ -179,6 +216,7 @@ def build_members(runs, make_student, teacher, *, image_size, device, channels_l
 def restore(state, params, optimizer, fused, source):
     """Parameters, optimizer and random generators from a checkpoint (ours or the reference
     code's, which has no generator state)."""
+    check_resumed_state_finite(state, params, source)
     copy_params_(params, state['params'], source)
     if state['optimizer'] is not None:
         load_optimizer_state(optimizer, state['optimizer'], source)
@@ -194,6 +232,18 @@ def restore(state, params, optimizer, fused, source):
         set_rng_state(state['rng'])
 
 
+def check_resumed_state_finite(state, params, source):
+    """A checkpoint written after its run had diverged (by the reference code, or before the
+    divergence check existed) would diverge again at once, reported as a new divergence."""
+    fix = 'resume from an earlier checkpoint, or start the run again without --resume'
+    check_finite({k: v for k, v in state['params'].items() if k in params}, source, fix)
+    saved = state['optimizer'] or {}
+    ids = [i for group in saved.get('param_groups', []) for i in group['params']]
+    names = dict(zip(ids, (k for k, v in params.items() if v.requires_grad)))  # the optimizer's order
+    check_finite({f'the momentum of {names.get(i, i)}': s.get('momentum_buffer')
+                  for i, s in saved.get('state', {}).items() if isinstance(s, dict)}, source, fix)
+
+
 # ----------------------------------------------------------------------------------------------
 # The steps
 
@@ -204,6 +254,7 @@ def make_steps(members, speed):
     value back to the host."""
     first = members[0].transfer
     teacher_gradient = any(m.opt.grad_beta for m in members)
+    teacher_pooled = any(m.transfer.pooled for m in members)  # one teacher forward serves them all
 
     def autocast(mode):
         # Evaluation stays in fp32: the reported test accuracy should not depend on the hardware.
@@ -211,7 +262,7 @@ def make_steps(members, speed):
 
     def teacher_forward(params, x, y, mode):
         with autocast(mode):
-            return first.teacher_outputs(x, y, params, mode and teacher_gradient)
+            return first.teacher_outputs(x, y, params, mode and teacher_gradient, teacher_pooled)
 
     def compiled(f, can):
         return torch.compile(f, dynamic=False, mode=speed.compile_mode) if speed.compile and can else f
@@ -277,7 +328,8 @@ def forward_options(opt):
     the weighted methods are on (their weights are applied outside the forward)."""
     return (opt.alpha, opt.temperature, opt.at_p, opt.at_form,
             *(bool(getattr(opt, k)) for k in ('grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta',
-                                              'cos_beta', 'aux_weight')))
+                                              'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS)),
+            *(getattr(opt, k) for k in BENCHMARK_SETTINGS if k != 'dkd_warmup'))  # the warm-up is a weight
 
 
 def student_forward(transfer, autocast):
@@ -290,9 +342,10 @@ def student_forward(transfer, autocast):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=1):
+def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=1, n_images=None):
     """Trains every member's student with SGD on the same batches, evaluating, checkpointing
-    and logging each after every epoch; members resume from their checkpoints."""
+    and logging each after every epoch; members resume from their checkpoints. `n_images`,
+    (training, test) images of the whole dataset, is logged as n_train and n_test."""
     epoch_step = epoch_steps(opt.epoch_step)
     n = len(train_loader)
     fused = uses_channels_last(opt)
@@ -320,12 +373,14 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, update_meters('train_meters'))
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, update_meters('eval_meters'))
+    # The bar reads one run's mean loss every few steps only: each read is a host sync. Every
+    # rank takes part in forming the figure (under torchrun a collective), rank 0 shows it.
+    every_10 = Events.ITERATION_COMPLETED(every=10)
+    trainer.add_event_handler(every_10, lambda engine: setattr(engine.state, 'shown_loss', shown_loss(members)))
     if main:
-        # The bar reads one run's mean loss every few steps only: each read is a host sync.
-        ProgressBar(persist=False).attach(
-            trainer, event_name=Events.ITERATION_COMPLETED(every=10),
-            output_transform=lambda _: {'loss': next((m.train_meters.metrics['loss'].running_mean()
-                                                      for m in members if not m.stopped), float('nan'))})
+        ProgressBar(persist=False).attach(trainer, event_name=every_10,
+                                          output_transform=lambda _: {'loss': trainer.state.shown_loss})
+    curves = tensorboard_log.attach(trainer, members, opt, main)  # <save>/tb/, to watch runs live
 
     def synchronized_time():
         if device.type == 'cuda':
@@ -348,8 +403,13 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
 
     def save(engine, m, epochs_done):
         if main:
-            save_checkpoint(m.opt.save, m.params, m.optimizer, epochs_done, iteration=engine.state.iteration,
-                            rng=rng_state(), lr=m.optimizer.param_groups[0]['lr'], options=vars(m.opt))
+            try:
+                save_checkpoint(m.opt.save, m.params, m.optimizer, epochs_done, iteration=engine.state.iteration,
+                                rng=rng_state(), lr=m.optimizer.param_groups[0]['lr'], options=vars(m.opt),
+                                log=m.record)
+            except WriteFailed as e:
+                raise RunStopped(write_failure(e, m, opt), exit_code=WRITE_FAILED) from None
+            m.saved = checkpoint_position(epochs_done, engine.state.iteration, n)
 
     def check_divergence(engine):
         """Stops each run whose loss is no longer finite at its last good checkpoint; the others
@@ -400,12 +460,20 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
         test_time = synchronized_time() - test_start
         for m in runs:
             stats = epoch_record(m, engine.state.epoch, topk, train_time, test_time)
-            stats.update(num_classes=num_classes, n_parameters=m.n_parameters, loss_weights=dict(m.weights))
+            stats.update(num_classes=num_classes, n_parameters=m.n_parameters, loss_weights=dict(m.weights),
+                         autocast='bf16' if speed.autocast else 'off')  # what --precision resolved to
+            if n_images:
+                stats.update(n_train=n_images[0], n_test=n_images[1])
             if device.type == 'cuda':
                 stats['gpu_memory_mib'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            m.record = {**vars(m.opt), **stats}
             save(engine, m, engine.state.epoch)
             if main:
-                append_log(m.opt.save, {**vars(m.opt), **stats})
+                try:
+                    append_log(m.opt.save, m.record)
+                except WriteFailed as e:
+                    raise RunStopped(write_failure(e, m, opt), exit_code=WRITE_FAILED) from None
+                curves.epoch(m, stats, m.optimizer.param_groups[0]['lr'], engine.state.iteration)
                 print(f'==> id: {m.opt.save} ({engine.state.epoch}/{opt.epochs}), '
                       f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
                       f'time: {train_time:.1f}s + {test_time:.1f}s', flush=True)
@@ -413,24 +481,41 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             stop(engine)
 
     train_loader.set_epoch(start // n + 1, skip=start % n)
-    with SignalStop() as signals:
-        if start:
-            trainer.load_state_dict({'iteration': start, 'max_epochs': opt.epochs, 'epoch_length': n})
-            trainer.run(train_loader)
-        else:
-            trainer.run(train_loader, max_epochs=opt.epochs)
+    with SignalStop(lambda: standing_checkpoints(opt, members)) as signals, curves:
+        try:
+            if start:
+                trainer.load_state_dict({'iteration': start, 'max_epochs': opt.epochs, 'epoch_length': n})
+                trainer.run(train_loader)
+            else:
+                trainer.run(train_loader, max_epochs=opt.epochs)
+        except RuntimeError as e:
+            if not distributed.lost_a_process(e):
+                raise
+            raise LostProcess(lost_process(e, opt, members, trainer), exit_code=1) from None
     if getattr(trainer.state, 'stopped_by', None):
         step = trainer.state.iteration % n
         where = f'at epoch {trainer.state.epoch}, step {step}' if step else f'after epoch {trainer.state.epoch}'
-        what, resume = ('checkpoint written', f'--resume {members[0].checkpoint} --save {opt.save}') \
-            if not opt.cohort else ('every member checkpointed', f'--resume {opt.save} --save {opt.save} and the same --cohort')
-        raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; {what}: resume with {resume}',
+        what = 'checkpoint written' if not opt.cohort else 'every member checkpointed'
+        raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; {what}: '
+                         f'resume with {resume_flags(opt, members)}',
                          exit_code=128 + (signals.signum or 15))
     stopped = [m.stopped for m in members if m.stopped]
     if stopped:
         raise RunStopped(f'{len(stopped)} of {len(members)} members of the cohort {opt.save} stopped early: '
                          + '; '.join(stopped), exit_code=1)
     distributed.shutdown()
+
+
+def lost_process(error, opt, members, trainer):
+    """The line a surviving rank ends with: what failed, and where the run can go on from. Rank
+    0 wrote the checkpoints; a rank on another machine may not see them, but knows that one was
+    written when an epoch before this one finished or the run was resumed."""
+    reason = re.sub(r'^\[[^\]]*\]\s*', '', (str(error).strip().splitlines() or [''])[0]).split('. ')[0]
+    if trainer.state.epoch > 1 or any(m.start_iteration or os.path.isfile(m.checkpoint) for m in members):
+        kept = f'resume from the last checkpoint with {resume_flags(opt, members)}'
+    else:
+        kept = f'no checkpoint was written to {opt.save} yet: start the run again'
+    return f'a process of this torchrun job died or stopped answering ({reason}); every process stopped; {kept}'
 
 
 def epoch_record(member, epoch, topk, train_time, test_time):

@@ -7,10 +7,11 @@ A network here is a plain function of (input, params, mode); `params` maps names
 import torch
 import torch.nn.functional as F
 from torch.nn.init import kaiming_normal_
-from torch.nn.parallel import scatter, parallel_apply, gather
+from torch.nn.parallel import gather, parallel_apply, scatter
 from torch.nn.parallel._functions import Broadcast
 
 import distributed
+
 # The losses lived here in the reference code; scripts that import them from utils still work.
 from losses import at, at_loss, distillation  # noqa: F401
 

@@ -4,7 +4,8 @@ group of the student and, for a student run, its teacher's panel for the same gr
     python visualize.py logs/at16-1 --n 8 --out attention.png
 
 The map is the one attention transfer compares (losses.at: the channel mean of the squared
-activations, or of their |.|^p for a run with --at_p p, L2-normalised per image), upsampled bilinearly to the image and overlaid on it.
+activations, or of their |.|^p for a run with --at_p p, L2-normalised per image), upsampled
+bilinearly to the image and overlaid on it.
 Student and teacher maps of one group and image share one colour scale (blue 0, red the larger
 of the two peaks): after the L2 normalisation a more concentrated map has a higher peak, so the
 colours compare how focused the two networks are. Works for runs of cifar.py and imagenet.py.
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 import data
 import imagenet_data
 import zoo
-from checkpoint import CHECKPOINT, load_checkpoint, copy_params_, read_log, network_params
+from checkpoint import CHECKPOINT, copy_params_, load_checkpoint, network_params, read_log
 from errors import UserError, reports_user_errors
-from resnet import resnet, define_student, define_teacher
 from losses import at
+from resnet import define_student, define_teacher, resnet
 from utils import cast
 
 FIGURE_TYPES = ('.png', '.pdf', '.svg')

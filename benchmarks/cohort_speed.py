@@ -20,11 +20,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from epoch_speed import networks, random_subset  # noqa: E402
+
 import cifar  # noqa: E402
 from cohort import member_runs  # noqa: E402
 from data import Loader  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from epoch_speed import networks, random_subset  # noqa: E402
 from resnet import resnet  # noqa: E402
 from training import build_members, train  # noqa: E402
 

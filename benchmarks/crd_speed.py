@@ -21,11 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from epoch_speed import random_subset  # noqa: E402
+
 import cifar  # noqa: E402
 import zoo  # noqa: E402
 from data import Loader  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from epoch_speed import random_subset  # noqa: E402
 from training import build_members, train  # noqa: E402
 
 PROTOCOL = ['--batch_size', '64', '--crop_padding', 'zero', '--normalization', 'cifar100', '--epoch_step', '[]',
@@ -79,7 +80,8 @@ def main():
         reference = last_epoch(args, mode, data, device, reference=True)
         fast = last_epoch(args, mode, data, device, reference=False)
         rows.append((mode, reference, fast))
-    print('\n| run | path | train s | test s | train img/s | epoch vs reference |\n| --- | --- | --- | --- | --- | --- |')
+    print('\n| run | path | train s | test s | train img/s | epoch vs reference |\n'
+          '| --- | --- | --- | --- | --- | --- |')
     for mode, reference, fast in rows:
         label = 'resnet8x4 <- resnet32x4, AT' if mode == 'at' else 'resnet8x4 alone'
         for path, (train_s, test_s) in (('--reference (fp32, NCHW)', reference), ('default', fast)):

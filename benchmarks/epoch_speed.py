@@ -28,9 +28,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
 from data import MEAN, STD, Loader, load_cifar  # noqa: E402
-from resnet import resnet  # noqa: E402
-from losses import at_loss, distillation  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from losses import at_loss, distillation  # noqa: E402
+from resnet import resnet  # noqa: E402
 from training import build_members, train  # noqa: E402
 
 
@@ -91,15 +91,15 @@ def original_epochs(args, data, device):
     return times[-1]
 
 
-def networks(mode):
-    """WRN-16-1 student, and for 'at' a WRN-16-2 teacher: (f_s, params_s, (f_t, params_t) or None).
-    A random teacher costs the same arithmetic as a trained one."""
+def networks(mode, teacher_width=2):
+    """WRN-16-1 student, and for 'at' a WRN-16-<teacher_width> teacher: (f_s, params_s, (f_t,
+    params_t) or None). A random teacher costs the same arithmetic as a trained one."""
     torch.manual_seed(0)
     f_s, p_s = resnet(16, 1, 10)
     if mode == 'plain':
         return f_s, p_s, None
-    f_t, p_t = resnet(16, 2, 10)
-    return f_s, p_s, (lambda x, p, prefix: f_t(x, p, False, prefix),
+    f_t, p_t = resnet(16, teacher_width, 10)
+    return f_s, p_s, (lambda x, p, prefix, **pooled: f_t(x, p, False, prefix, **pooled),
                       {k: v.requires_grad_(False) for k, v in p_t.items()})
 
 
@@ -107,11 +107,11 @@ def to_device(params, device):
     return {k: v.to(device).detach().requires_grad_(v.requires_grad) for k, v in params.items()}
 
 
-def last_epoch(flags, mode, data, device):
+def last_epoch(flags, mode, data, device, teacher_width=2):
     """Trains through cifar.py's options and the shared loop; the last log line."""
     with tempfile.TemporaryDirectory() as tmp:
         opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--seed', '0', '--data_seed', '0'] + flags)
-        f_s, p_s, teacher = networks(mode)
+        f_s, p_s, teacher = networks(mode, teacher_width)
         members = build_members([opt], lambda: (f_s, p_s), teacher, image_size=32, device=device,
                                 channels_last=uses_channels_last(opt))
         layout = dict(channels_last=uses_channels_last(opt))

@@ -24,9 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagenet  # noqa: E402
-from imagenet_data import ImageFiles  # noqa: E402
-from resnet import define_student, fold_batch_norm, teacher_forward, IMAGENET_BLOCKS  # noqa: E402
 from devices import cpu_has_bf16  # noqa: E402
+from imagenet_data import ImageFiles  # noqa: E402
+from resnet import IMAGENET_BLOCKS, define_student, fold_batch_norm, teacher_forward  # noqa: E402
 from training import build_members, train  # noqa: E402
 
 

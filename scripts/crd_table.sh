@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The CIFAR-100 distillation benchmark of the CRD paper (Tian et al. 2020), as its code
 # (RepDistiller) runs it: the 13 teacher/student pairs of its tables, each pair's students as one
-# cohort (cifar.py --cohort) with the columns student, KD, AT and AT+KD over $SEEDS, trained in
-# lock-step on the same batches with one teacher forward per batch. RepDistiller's protocol:
-# 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for MobileNetV2 and the
-# ShuffleNets) divided by 10 at epochs 150, 180 and 210, weight decay 5e-4, random crops of
-# zero-padded images, CIFAR-100's own mean and std.
+# cohort (cifar.py --cohort) with the columns student, KD, AT, AT+KD, the benchmark's other
+# methods (SP, CC, RKD, PKT, NST, VID; FSP and KDSVD where the pair's groups have equal widths)
+# and DKD over $SEEDS, trained in lock-step on the same batches with one teacher forward per
+# batch. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for
+# MobileNetV2 and the ShuffleNets) divided by 10 at epochs 150, 180 and 210, weight decay 5e-4,
+# random crops of zero-padded images, CIFAR-100's own mean and std.
 #
 # Usage: scripts/crd_table.sh [extra cifar.py flags, e.g. --dataroot DIR]
 #        TEACHERS=DIR scripts/crd_table.sh ...   RepDistiller's published teachers, read as
@@ -53,12 +54,41 @@ source scripts/runs.sh
 # Columns: each method's per-student options, as RepDistiller weighs them (its -r, -a, -b):
 # KD 0.9 * KD(T = 4) + 0.1 * CE, AT CE + 1000 * AT, AT+KD both. The student column trains on
 # cross-entropy alone: it has the pair's teacher but gives it no weight.
+# The other methods add their term to CE (RepDistiller's -r 1 -a 0 -b B, run_cifar_distill.sh):
+# SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, FSP 50, VID 1. RepDistiller has no weight for KDSVD;
+# 1 is mdistiller's (CE 1, KDSVD 1 on this benchmark). DKD is mdistiller's: CE + DKD (alpha 1, T 4)
+# warmed up over 20 epochs, with its beta per pair (dkd_nckd below). RepDistiller trains FSP in
+# 30 initialisation epochs instead, and over the stem too: this column adds it to the main training.
 declare -A METHOD=(
   [student]=''
   [kd]='"alpha": 0.9, "temperature": 4'
   [at]='"beta": 1000'
   [at_kd]='"alpha": 0.9, "beta": 1000, "temperature": 4'
+  [sp]='"sp_beta": 3000'
+  [cc]='"cc_beta": 0.02'
+  [rkd]='"rkd_beta": 1'
+  [pkt]='"pkt_beta": 30000'
+  [nst]='"nst_beta": 50'
+  [fsp]='"fsp_beta": 50'
+  [kdsvd]='"kdsvd_beta": 1'
+  [vid]='"vid_beta": 1'
 )
+
+dkd_nckd() {  # DKD's beta, from mdistiller's configs/cifar100/dkd/ (8, its default, where it has none)
+  case $1 in
+    "resnet56 resnet20" | "resnet110 resnet32") echo 2 ;;
+    "wrn_40_2 wrn_16_2" | "wrn_40_2 wrn_40_1" | "vgg13 vgg8" | "vgg13 MobileNetV2") echo 6 ;;
+    *) echo 8 ;;
+  esac
+}
+
+columns() {  # FSP and KDSVD compare the groups' channels one to one: pairs of equal widths only
+  echo student kd at at_kd sp cc rkd pkt nst vid dkd
+  case $1 in
+    "wrn_40_2 wrn_16_2" | "resnet56 resnet20" | "resnet110 resnet20" | "resnet110 resnet32" | \
+    "resnet32x4 resnet8x4" | "vgg13 vgg8") echo fsp kdsvd ;;
+  esac
+}
 
 teachers=$(for pair in "${PAIRS[@]}"; do echo "${pair%% *}"; done | awk '!seen[$0]++')
 if [ -n "$TEACHERS" ]; then
@@ -80,5 +110,7 @@ for pair in "${PAIRS[@]}"; do
   else
     from=(--teacher_id "crd/teacher_$t")
   fi
-  cohort "logs/crd/${s}_from_$t" "$(members student kd at at_kd)" --arch "$s" "${from[@]}" --lr "$(learning_rate "$s")" "${PROTOCOL[@]}" "$@"
+  METHOD[dkd]="\"dkd_beta\": 1, \"dkd_nckd\": $(dkd_nckd "$pair"), \"temperature\": 4"
+  # shellcheck disable=SC2046  # the column names are words
+  cohort "logs/crd/${s}_from_$t" "$(members $(columns "$pair"))" --arch "$s" "${from[@]}" --lr "$(learning_rate "$s")" "${PROTOCOL[@]}" "$@"
 done

@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -29,8 +30,9 @@ def ok(result):
 
 
 def fingerprint(directory):
+    # The run's files; its tb/ folder holds live curves (tensorboard_log.py), not its record.
     return {name: hashlib.sha256(open(os.path.join(directory, name), 'rb').read()).hexdigest()
-            for name in sorted(os.listdir(directory))}
+            for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
 
 
 @pytest.mark.parametrize('layout', ['image_tree', 'python_release'])
@@ -69,12 +71,14 @@ def test_teacher_then_at_kd_student(layout, request, tmp_path):
 
 
 def test_resume_continues_epochs_and_log_and_matches_a_straight_run(image_tree, tmp_path):
-    # --deterministic: on a GPU, bitwise equality needs deterministic kernels (no effect on CPU)
+    # --deterministic: on a GPU, bitwise equality needs deterministic kernels (no effect on CPU).
+    # bf16 autocast, emulated where the CPU has no bf16 units: the resume is bitwise there too.
     common = [*TINY, '--width', 1, '--epochs', 3, '--epoch_step', '[2]', '--seed', 3, '--dataroot', image_tree,
-              '--deterministic']
+              '--deterministic', '--precision', 'bf16']
     ok(run_cli('cifar.py', *common, '--save', 'logs/straight', cwd=tmp_path))
     ok(run_cli('cifar.py', *TINY, '--width', 1, '--epochs', 1, '--epoch_step', '[2]', '--seed', 3,
-               '--dataroot', image_tree, '--deterministic', '--save', 'logs/split', cwd=tmp_path))
+               '--dataroot', image_tree, '--deterministic', '--precision', 'bf16', '--save', 'logs/split',
+               cwd=tmp_path))
     out = ok(run_cli('cifar.py', *common, '--save', 'logs/split', '--resume', 'logs/split/model.pt7',
                      cwd=tmp_path))
     assert '(1/3)' not in out.stdout and '(3/3)' in out.stdout
@@ -194,8 +198,10 @@ def write_original_checkpoint(path, depth, width, epoch):
 def test_nchw_checkpoints_resume_on_the_fast_path_as_on_the_reference_path(image_tree, tmp_path):
     """A --reference run's checkpoint and one of the original code both hold NCHW momentum
     buffers; resumed on the fast path (channels_last, fused SGD) the run must continue as the
-    reference path continues it (before the buffers took the layout of their parameters, 0.36 apart)."""
-    common = [*TINY, '--width', 1, '--seed', 3, '--dataroot', image_tree, '--epoch_step', '[9]']
+    reference path continues it (before the buffers took the layout of their parameters, 0.36 apart).
+    The fast path trains in fp32 here: under bf16 autocast it ends 6e-3 away from fp32."""
+    common = [*TINY, '--width', 1, '--seed', 3, '--dataroot', image_tree, '--epoch_step', '[9]',
+              '--precision', 'fp32']
     ok(run_cli('cifar.py', *common, '--epochs', 1, '--reference', '--save', 'logs/ref', cwd=tmp_path))
     write_original_checkpoint(tmp_path / 'old/model.pt7', 10, 1, epoch=1)
     for source in ('logs/ref/model.pt7', 'old/model.pt7'):
@@ -207,3 +213,63 @@ def test_nchw_checkpoints_resume_on_the_fast_path_as_on_the_reference_path(image
             ends.append(checkpoint(tmp_path / save)['params'])
         gap = max((ends[0][k] - ends[1][k]).abs().max().item() for k in ends[0])
         assert gap < 1e-3, (source, gap)
+
+
+def test_each_log_line_says_the_precision_it_trained_in(image_tree, tmp_path, monkeypatch):
+    """--precision auto follows the hardware (AT_CPU_BF16 plays the other kind of CPU), bf16
+    without bf16 units trains and says once that it is emulated, a resume may change the
+    precision, and summarize.py keeps runs that differ only in it in one row."""
+    import summarize
+    common = [*TINY, '--width', 1, '--seed', 3, '--dataroot', image_tree]
+    monkeypatch.setenv('AT_CPU_BF16', '0')
+    out = ok(run_in_process(cifar.main, *common, '--epochs', 1, '--precision', 'bf16', '--save', 'logs/p',
+                            cwd=tmp_path)).stdout
+    assert out.count('--precision bf16: this CPU (no AVX512-BF16 or AMX) has no bf16 units') == 1, out
+    out = ok(run_in_process(cifar.main, *common, '--epochs', 2, '--precision', 'fp32', '--resume', 'logs/p/model.pt7',
+                            '--save', 'logs/p', cwd=tmp_path)).stdout
+    assert 'has no bf16 units' not in out
+    assert [(r['precision'], r['autocast']) for r in log_lines(tmp_path / 'logs/p')] == [('bf16', 'bf16'),
+                                                                                        ('fp32', 'off')]
+    for has_bf16, autocast in (('0', 'off'), ('1', 'bf16')):
+        monkeypatch.setenv('AT_CPU_BF16', has_bf16)
+        out = ok(run_in_process(cifar.main, *common, '--epochs', 1, '--save', f'logs/auto/{has_bf16}',
+                                cwd=tmp_path)).stdout
+        assert 'has no bf16 units' not in out
+        [line] = log_lines(tmp_path / f'logs/auto/{has_bf16}')
+        assert line['precision'] == 'auto' and line['autocast'] == autocast
+    table = ok(run_in_process(summarize.main, 'logs/auto', cwd=tmp_path)).stdout
+    assert table.count('\n| WRN-10-1 | - | - | CIFAR10 | 2 |') == 1, table
+
+
+def test_non_finite_teachers_and_resume_files_are_refused_and_each_line_counts_the_images(image_tree, tmp_path):
+    """A NaN in a teacher or a resumed state read as the student diverging ('lower --lr and
+    resume'); it is the file that is wrong. The run that does train logs the images it used."""
+    write_reference_run(tmp_path / 'logs/nan_teacher', 10, 1, legacy_stats=True)
+    state = torch.load(tmp_path / 'logs/nan_teacher/model.pt7', weights_only=True)
+    state['stats']['group1.block0.bn0.running_var'][2] = float('nan')
+    torch.save(state, tmp_path / 'logs/nan_teacher/model.pt7')
+    write_reference_run(tmp_path / 'old', 10, 1, legacy_stats=False)
+    state = torch.load(tmp_path / 'old/model.pt7', weights_only=True)
+    trainable = [k for k, v in resnet(10, 1, 10)[1].items() if v.requires_grad]
+    state['optimizer']['state'][2]['momentum_buffer'].view(-1)[0] = float('inf')
+    torch.save(state, tmp_path / 'old/momentum.pt7')
+    state['params']['fc.bias'][0] = float('nan')
+    torch.save(state, tmp_path / 'old/params.pt7')
+    common = [*TINY, '--epochs', 5, '--dataroot', image_tree]
+    for extra, phrase in [
+            (['--teacher_id', 'nan_teacher', '--save', 'logs/x'],
+             'teacher logs/nan_teacher/model.pt7: group1.block0.bn0.running_var holds NaN values; retrain the teacher'),
+            (['--resume', 'old/momentum.pt7', '--save', 'logs/y'],
+             f'old/momentum.pt7: the momentum of {trainable[2]} holds Inf values; resume from an earlier checkpoint'),
+            (['--resume', 'old/params.pt7', '--save', 'logs/z'], 'old/params.pt7: fc.bias holds NaN values')]:
+        result = run_in_process(cifar.main, *common, *extra, cwd=tmp_path)
+        expect_user_error(result, phrase)
+        assert not os.path.exists(tmp_path / extra[-1] / 'log.txt') and 'diverged' not in result.stderr
+
+    tree = tmp_path / 'tree'
+    shutil.copytree(image_tree, tree)
+    os.makedirs(tree / 'train/class4/more')
+    shutil.copy(tree / 'train/class4/0004.png', tree / 'train/class4/more/again.png')
+    ok(run_in_process(cifar.main, *TINY, '--epochs', 1, '--dataroot', tree, '--save', 'logs/n', cwd=tmp_path))
+    [line] = log_lines(tmp_path / 'logs/n')
+    assert (line['n_train'], line['n_test']) == (101, 40)

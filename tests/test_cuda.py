@@ -10,10 +10,11 @@ import torch
 
 from conftest import ROOT, run_cli
 from data import Loader
-from resnet import resnet, define_student
+from resnet import define_student, resnet
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_training import cpu_speed, steps_of
-from test_transfer import ALL_FLAGS, options as cifar_options, wrn_pair
+from test_transfer import ALL_FLAGS, wrn_pair
+from test_transfer import options as cifar_options
 from training import join_networks
 from utils import data_parallel
 

@@ -194,6 +194,11 @@ CIFAR_CASES = [
     ('grad_beta', ['--grad_beta', 1], ['--grad_beta compares the student with a teacher',
                                        'give --teacher_id or --teacher_params']),
     ('compile', ['--sym_beta', 1, '--compile', 'on'], ['torch.compile']),
+    ('ngpu', ['--grad_beta', 1, '--teacher_id', 'teacher', '--ngpu', 2],
+     ['--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu', 'use torchrun']),
+    ('precision', ['--reference', '--precision', 'bf16'], ['--reference trains in fp32', 'drop --precision bf16']),
+    ('precision', ['--dtype', 'double', '--precision', 'fp32'],
+     ['--dtype double keeps every tensor in double; drop --precision fp32']),
     # Image trees
     ('dataroot', ['--dataroot', 'renamed'],
      ['renamed/train and renamed/test have different class folders', 'only in train: class3;',
@@ -233,6 +238,7 @@ IMAGENET_CASES = [
      ["--cohort member 'a': --temperature 0 is not positive"]),
     ('ngpu', ['--ngpu', 0], ['--ngpu 0 is below 1']),
     ('gpu_id', ['--gpu_id', 'gpu0'], ["--gpu_id 'gpu0' is not a comma-separated list"]),
+    ('precision', ['--reference', '--precision', 'bf16'], ['--reference trains in fp32', 'drop --reference']),
     ('imagenetpath', ['--imagenetpath', ''], ['--imagenetpath is required']),
     ('imagenetpath', ['--imagenetpath', 'afile'], ['--imagenetpath afile is a file']),
     ('imagenetpath', ['--imagenetpath', 'nowhere'], ['nowhere/train does not exist']),
@@ -246,6 +252,8 @@ IMAGENET_CASES = [
      ['inet_renamed/train and inet_renamed/val have different class folders', 'only in train: n2',
       'only in val: n2x']),
     ('imagenetpath', ['--imagenetpath', 'inet_empty'], ['class folder inet_empty/train/n1 holds no images']),
+    ('ngpu', ['--sym_beta', 1, '--teacher_params', 'weights.pth', '--ngpu', 2],
+     ['--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu']),
 ]
 
 CASES = [('cifar.py', *c) for c in CIFAR_CASES] + [('imagenet.py', *c) for c in IMAGENET_CASES]
@@ -279,15 +287,28 @@ DIRECT_CASES = [
     (RULES, 'at_form', 'Paper', "--at_form 'Paper' is not one of the choices; use one of code, paper"),
     (RULES, 'compile', 'yes', "--compile 'yes' is not one of the choices"),
     (RULES, 'compile_mode', 'max', "--compile_mode 'max' is not one of the choices"),
+    (RULES, 'precision', 'fp16', "--precision 'fp16' is not one of the choices; use one of auto, bf16, fp32"),
     (RULES, 'dtype', 'float16', "--dtype 'float16' is not one of the choices"),
     (RULES, 'cuda', 1, '--cuda 1 is not true or false'),
     (RULES, 'reference', 'yes', "--reference 'yes' is not true or false"),
     (RULES, 'deterministic', None, '--deterministic None is not true or false'),
     (RULES, 'save', 3, '--save 3 is not text'),
+    (RULES, 'tensorboard', 'yes', "--tensorboard 'yes' is not one of the choices; use one of auto, on, off"),
+    (RULES, 'tensorboard_every', 0, '--tensorboard_every 0 is below 1; write the training loss every N >= 1 steps'),
     (CIFAR_RULES, 'dataset', 'CIFAR1000', "--dataset 'CIFAR1000' is not one of the choices"),
     (CIFAR_RULES, 'randomcrop_pad', 31.5, '--randomcrop_pad 31.5 is not a whole number in [0, 32)'),
     (IMAGENET_RULES, 'teacher_params', 0, '--teacher_params 0 is not text'),
     (RULES, 'alpah', 0.5, "'alpah' is not an option here"),
+    # the CRD benchmark's other methods and DKD
+    *[(RULES, flag, -1, f'--{flag} -1 is negative; a loss weight is 0 (off) or positive')
+      for flag in ('sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta', 'vid_beta',
+                   'dkd_beta')],
+    (RULES, 'cc_dim', 0, '--cc_dim 0 is below 1'), (RULES, 'cc_dim', 64.0, '--cc_dim 64.0 is not a whole number'),
+    (RULES, 'rkd_w_d', -25, '--rkd_w_d -25 is negative'), (RULES, 'rkd_w_a', '50', "--rkd_w_a '50' is not a number"),
+    (RULES, 'kdsvd_k', 0, '--kdsvd_k 0 is below 1'), (RULES, 'dkd_alpha', -1, '--dkd_alpha -1 is negative'),
+    (RULES, 'dkd_nckd', float('nan'), '--dkd_nckd nan is not a finite number'),
+    (RULES, 'dkd_warmup', -1, '--dkd_warmup -1 is negative'), (RULES, 'dkd_warmup', 2.5, 'is not a whole number'),
+    (RULES, 'logit_stand', 1, '--logit_stand 1 is not true or false'),
 ]
 
 
@@ -312,9 +333,23 @@ def test_check_option_refuses_wrong_types_and_choices(rules, flag, value, messag
     (CIFAR_RULES, 'arch', 'wrn'), (CIFAR_RULES, 'arch', 'ShuffleV2'), (CIFAR_RULES, 'teacher_arch', ''),
     (CIFAR_RULES, 'teacher_arch', 'ResNet50'), (CIFAR_RULES, 'crop_padding', 'zero'),
     (CIFAR_RULES, 'normalization', 'cifar100'),
-    (IMAGENET_RULES, 'width', 1 / 64)])
+    (IMAGENET_RULES, 'width', 1 / 64), (RULES, 'dkd_warmup', 0), (RULES, 'kdsvd_k', 1), (RULES, 'cc_dim', 1),
+    (RULES, 'rkd_w_a', 0), (RULES, 'logit_stand', True)])
 def test_valid_edge_values_are_accepted(rules, flag, value):
     assert check_option(flag, value, rules) == value
+
+
+def test_precision_goes_with_the_fast_path_and_at_cpu_bf16_is_checked_first(tripwires, monkeypatch, capsys):
+    for combination in (['--reference', '--precision', 'fp32'], ['--precision', 'bf16'], ['--dtype', 'double']):
+        with pytest.raises(Reached):
+            cifar.main([*map(str, SCRIPTS['cifar.py'][1]), *combination])
+    monkeypatch.setenv('AT_CPU_BF16', 'true')
+    before = fingerprint(tripwires)
+    with pytest.raises(SystemExit) as stop:
+        imagenet.main([*map(str, SCRIPTS['imagenet.py'][1]), '--precision', 'fp32'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "AT_CPU_BF16='true' is neither 0 nor 1" in lines[0], lines
+    assert fingerprint(tripwires) == before
 
 
 def test_valid_edge_values_pass_every_check_of_the_command_line(tripwires):
@@ -385,3 +420,28 @@ def test_16_bit_images_are_refused_rather_than_clipped(tmp_path):
     Image.fromarray(np.full((32, 32), 300, np.uint16)).save(tmp_path / 'test/class1/wide.png')
     with pytest.raises(UserError, match='wide.png has I;16 samples'):
         load_cifar(root, 'CIFAR10', False)
+
+
+@pytest.mark.parametrize('extra, phrases', [
+    (['--ngpu', 2, '--compile', 'on'], ['--compile on is not supported with --ngpu > 1', 'use --compile auto or off']),
+    (['--cohort', '[{"name": "a"}]', '--compile_mode', 'reduce-overhead'],
+     ['--compile_mode reduce-overhead records CUDA graphs for one run', 'use --compile_mode default with --cohort']),
+], ids=['ngpu-compile', 'cohort-reduce-overhead'])
+def test_combinations_refused_as_the_runs_start_are_one_line_too(extra, phrases, workdir, monkeypatch, capsys):
+    """These are refused by start_runs (devices and cohorts), which the table's tripwire replaces."""
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(cifar, 'load_teacher', reached)  # the first step after start_runs
+    before = fingerprint(workdir)
+    with pytest.raises(SystemExit) as stop:
+        cifar.main([*map(str, SCRIPTS['cifar.py'][1]), *map(str, extra)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and 'Traceback' not in err, err
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert fingerprint(workdir) == before
+    with pytest.raises(Reached):  # the second flag alone passes: it is the combination that is refused
+        cifar.main([*map(str, SCRIPTS['cifar.py'][1]), *map(str, extra[2:])])

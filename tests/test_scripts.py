@@ -4,6 +4,8 @@ import shlex
 import shutil
 import subprocess
 
+import pytest
+
 import cifar
 from cohort import member_runs
 from conftest import ROOT
@@ -68,7 +70,32 @@ CRD_PAIRS = {('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'), ('resnet56', 'r
              ('resnet110', 'resnet32'), ('resnet32x4', 'resnet8x4'), ('vgg13', 'vgg8'), ('vgg13', 'MobileNetV2'),
              ('ResNet50', 'MobileNetV2'), ('ResNet50', 'vgg8'), ('resnet32x4', 'ShuffleV1'),
              ('resnet32x4', 'ShuffleV2'), ('wrn_40_2', 'ShuffleV1')}
-CRD_COLUMNS = {'student': (0, 0), 'kd': (0.9, 0), 'at': (0, 1e3), 'at_kd': (0.9, 1e3)}  # alpha, beta
+# Each column's loss weights (RepDistiller's -b; DKD and KDSVD as mdistiller weighs them); a
+# weight left out is 0.
+CRD_COLUMNS = {'student': {}, 'kd': {'alpha': 0.9}, 'at': {'beta': 1e3}, 'at_kd': {'alpha': 0.9, 'beta': 1e3},
+               'sp': {'sp_beta': 3000}, 'cc': {'cc_beta': 0.02}, 'rkd': {'rkd_beta': 1}, 'pkt': {'pkt_beta': 3e4},
+               'nst': {'nst_beta': 50}, 'vid': {'vid_beta': 1}, 'dkd': {'dkd_beta': 1},
+               'fsp': {'fsp_beta': 50}, 'kdsvd': {'kdsvd_beta': 1}}
+CRD_WEIGHTS = ('alpha', 'beta', 'sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'vid_beta', 'dkd_beta',
+               'fsp_beta', 'kdsvd_beta')
+# DKD's beta in mdistiller's configs/cifar100/dkd/ (8, its default, for the pairs it has no file for).
+DKD_NCKD = {('resnet56', 'resnet20'): 2, ('resnet110', 'resnet32'): 2, ('wrn_40_2', 'wrn_16_2'): 6,
+            ('wrn_40_2', 'wrn_40_1'): 6, ('vgg13', 'vgg8'): 6, ('vgg13', 'MobileNetV2'): 6}
+
+
+def group_widths(arch):
+    import torch
+
+    import zoo
+    f, params = zoo.network(arch, 100)
+    with torch.no_grad():
+        return [g.shape[1] for g in f(torch.zeros(1, 3, 32, 32), params, False)[1]]
+
+
+@pytest.fixture(scope='module')
+def equal_widths():
+    """The pairs whose groups have the same channel counts: only they can compare FSP and KDSVD."""
+    return {(t, s) for t, s in CRD_PAIRS if group_widths(t) == group_widths(s)}
 
 
 def check_crd_protocol(r, arch):
@@ -79,7 +106,7 @@ def check_crd_protocol(r, arch):
     assert r.arch == arch and r.lr == (0.01 if arch in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2') else 0.05)
 
 
-def crd_rows(runs, seeds):
+def crd_rows(runs, seeds, equal_widths):
     """{(teacher, student): the row's run} after checking each row's members."""
     rows = {}
     for r in runs:
@@ -88,15 +115,21 @@ def crd_rows(runs, seeds):
         assert r.save == f'logs/crd/{r.arch}_from_{teacher}'
         check_crd_protocol(r, r.arch)
         members = member_runs(r, cifar.CIFAR_RULES, cifar.TEACHER_FLAGS)
+        columns = [c for c in CRD_COLUMNS if c not in ('fsp', 'kdsvd') or (teacher, r.arch) in equal_widths]
         assert sorted((m.save, m.seed) for m in members) == sorted(
-            (f'{r.save}/{column}_seed{seed}', seed) for column in CRD_COLUMNS for seed in seeds)
+            (f'{r.save}/{column}_seed{seed}', seed) for column in columns for seed in seeds)
         for m in members:
-            assert (m.alpha, m.beta) == CRD_COLUMNS[os.path.basename(m.save).rsplit('_seed', 1)[0]], m.save
+            column = os.path.basename(m.save).rsplit('_seed', 1)[0]
+            assert {k: getattr(m, k) for k in CRD_WEIGHTS if getattr(m, k)} == CRD_COLUMNS[column], m.save
+            check_crd_protocol(m, r.arch)
+            assert m.dkd_nckd == (DKD_NCKD.get((teacher, r.arch), 8) if column == 'dkd' else 8), m.save
+            assert (m.dkd_alpha, m.dkd_warmup, m.rkd_w_d, m.rkd_w_a, m.kdsvd_k, m.cc_dim, m.logit_stand) == \
+                (1, 20, 25, 50, 1, 128, False)
     assert set(rows) == CRD_PAIRS and len(runs) == len(CRD_PAIRS)
     return rows
 
 
-def test_crd_table_trains_the_teachers_first_without_published_ones():
+def test_crd_table_trains_the_teachers_first_without_published_ones(equal_widths):
     runs = [cifar.parse_args(flags) for flags in planned_runs('crd_table.sh', '--dataroot', 'data')]
     assert all(r.dataroot == 'data' for r in runs)
     teachers = [r for r in runs if not r.cohort]
@@ -105,13 +138,13 @@ def test_crd_table_trains_the_teachers_first_without_published_ones():
         assert r.save == f'logs/crd/teacher_{r.arch}' and r.seed == 1 and not (r.alpha or r.beta)
         check_crd_protocol(r, r.arch)
     assert runs[:6] == teachers  # every teacher before any student
-    rows = crd_rows(runs[6:], seeds=[1])
+    rows = crd_rows(runs[6:], seeds=[1], equal_widths=equal_widths)
     assert all(r.teacher_id == f'crd/teacher_{t}' and not r.teacher_params for (t, _), r in rows.items())
 
 
-def test_crd_table_reads_published_teachers_in_repdistillers_layout():
+def test_crd_table_reads_published_teachers_in_repdistillers_layout(equal_widths):
     runs = [cifar.parse_args(flags) for flags in planned_runs('crd_table.sh', TEACHERS='/models', SEEDS='1 2 3')]
-    rows = crd_rows(runs, seeds=[1, 2, 3])
+    rows = crd_rows(runs, seeds=[1, 2, 3], equal_widths=equal_widths)
     for (t, _), r in rows.items():
         assert (r.teacher_params, r.teacher_arch, r.teacher_id) == (f'/models/{t}_vanilla/ckpt_epoch_240.pth', t, '')
 

@@ -72,7 +72,9 @@ def test_table_groups_seeds_marks_unfinished_runs_and_reads_original_logs(tmp_pa
     out, err = capsys.readouterr()
     rows = table_rows(out)
     assert len(rows) == 5, out
-    assert err.strip() == 'logs/fresh: no epoch finished yet, left out'
+    fresh, torn = err.strip().splitlines()
+    assert fresh == 'logs/fresh: no epoch finished yet, left out'
+    assert 'warning: logs/kd-2/log.txt: its last line is cut short' in torn and 'resuming the run repairs it' in torn
 
     at = next(r for r in rows if r['weights'] == 'beta 1000' and r['differs in'] == 'lr=0.1')
     assert (at['student'], at['teacher'], at['runs']) == ('WRN-16-1', 'wrn16-2', '3')
@@ -85,7 +87,8 @@ def test_table_groups_seeds_marks_unfinished_runs_and_reads_original_logs(tmp_pa
     assert float(kd['final error %']) == 9.0 and kd['range'] == '-'  # the finished run only
 
     old = next(r for r in rows if r['data'] == 'CIFAR10' and r['teacher'] == '-')
-    assert old['runs'] == '2' and old['differs in'] == '' and float(old['final error %']) == 8.75 and old['range'] == '8.50-9.00'
+    assert old['runs'] == '2' and old['differs in'] == ''
+    assert float(old['final error %']) == 8.75 and old['range'] == '8.50-9.00'
 
     imagenet = next(r for r in rows if r['data'] == 'ImageNet')
     assert imagenet['student'] == 'ResNet-18' and float(imagenet['final error %']) == 30.5
@@ -98,11 +101,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / 'empty')
     write_log(tmp_path / 'damaged', ours([10.0, 9.0])[:1] + ['json_stats: {"epoch": 2,\n'] + ours([8.0]))
     for path, message in [('missing', 'missing is not a directory'), ('empty', 'no log.txt in'),
-                          ('damaged', 'damaged json_stats line')]:
+                          ('damaged', 'damaged/log.txt:2 is not a valid json_stats line')]:
         with pytest.raises(SystemExit) as stop:
             summarize.main([str(tmp_path / path)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_damaged_run_is_left_out_with_a_warning_and_the_others_are_tabled(tmp_path, monkeypatch, capsys):
+    write_log(tmp_path / 'logs/good', ours([10.0, 9.0, 8.5]))
+    write_log(tmp_path / 'logs/bad', ours([10.0])[:1] + ['json_stats: {"epoch": 2,\n'] + ours([8.0]))
+    monkeypatch.chdir(tmp_path)
+    summarize.main(['logs'])
+    out, err = capsys.readouterr()
+    assert [r['runs'] for r in table_rows(out)] == ['1']
+    [warning] = err.strip().splitlines()
+    assert 'warning: logs/bad/log.txt:2 is not a valid json_stats line' in warning
+    assert warning.endswith('logs/bad left out')
 
 
 def test_runs_of_cifar_py_differing_in_seed_are_one_configuration(image_tree, tmp_path):
@@ -135,3 +150,21 @@ def test_transfer_options_left_at_their_defaults_group_with_runs_that_predate_th
     assert at['runs'] == '2' and float(at['final error %']) == 11.0
     factt = next(r for r in rows if r['weights'] != 'beta 1000')
     assert factt['weights'] == 'beta 1000, factt_beta 1, at_p 4, beta_decay 0.1' and factt['runs'] == '1'
+
+
+def test_the_benchmark_methods_at_their_defaults_group_with_runs_that_predate_them():
+    import cifar
+    from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
+    defaults = vars(cifar.parse_args(['--save', 'x']))
+    new = {k: defaults[k] for k in (*BENCHMARK_WEIGHTS, *BENCHMARK_SETTINGS)}
+    before = {**OPTIONS, 'epoch': 3, 'test_acc': 90.0}
+    assert summarize.configuration(before) == summarize.configuration({**before, **new})
+    dkd = {**before, **new, 'beta': 0, 'dkd_beta': 1.0, 'dkd_nckd': 6.0}
+    assert summarize.learns_from_teacher(dkd) and summarize.method_weights(dkd) == 'dkd_beta 1, dkd_nckd 6'
+    assert summarize.configuration(dkd) != summarize.configuration({**dkd, 'dkd_nckd': 8.0})
+    assert set(summarize.METHOD_SETTINGS) == set(BENCHMARK_SETTINGS)
+
+
+def test_image_counts_do_not_split_runs_logged_before_them_from_runs_that_log_them():
+    before = {**OPTIONS, 'epoch': 3, 'test_acc': 90.0}
+    assert summarize.configuration(before) == summarize.configuration({**before, 'n_train': 50000, 'n_test': 10000})

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cifar
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 from errors import UserError
 from resnet import resnet
 from test_cifar import TINY, checkpoint, expect_user_error, log_lines, ok
@@ -213,7 +213,8 @@ def test_resume_continues_the_beta_schedule_and_aux_parameters(image_tree, workd
     def run(epochs, *extra):
         return ok(run_cli('cifar.py', *TINY, '--width', 0.5, '--epochs', epochs, '--epoch_step', '[2,3]',
                           '--seed', 4, '--dataroot', image_tree, '--teacher_id', 'teacher', '--beta', 1e3,
-                          '--alpha', 0.9, '--beta_decay', 0.5, '--factt_beta', 0.1, '--deterministic', *extra,
+                          '--alpha', 0.9, '--beta_decay', 0.5, '--factt_beta', 0.1, '--deterministic',
+                          '--precision', 'fp32', *extra,
                           cwd=workdir))
 
     run(3, '--save', 'logs/straight')
@@ -232,4 +233,162 @@ def test_transfer_flags_without_teacher_are_one_line_errors(image_tree, workdir)
     before = sorted(os.listdir(workdir / 'logs'))
     expect_user_error(run_cli('cifar.py', *TINY, '--epochs', 1, '--dataroot', image_tree, '--fitnet_beta', 1,
                               '--save', 'logs/x', cwd=workdir), '--fitnet_beta', '--teacher_id')
+    assert sorted(os.listdir(workdir / 'logs')) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The CRD benchmark's other methods and DKD
+
+# RepDistiller's weights (DKD and KDSVD: mdistiller's), as scripts/crd_table.sh gives them
+METHOD_FLAGS = ['--sp_beta', 3000, '--cc_beta', 0.02, '--rkd_beta', 1, '--pkt_beta', 3e4, '--nst_beta', 50,
+                '--kdsvd_beta', 1, '--fsp_beta', 50, '--vid_beta', 1, '--dkd_beta', 1]
+
+
+def double_pair(student_width=1, teacher_depth=16):
+    """WRN-10-<student_width> and a WRN-<teacher_depth>-1 teacher in float64, the teacher
+    wrapped as cifar.py wraps it (handing out its pooled feature when asked)."""
+    torch.manual_seed(0)
+    f_s, p_s = resnet(10, student_width, 10)
+    f_t, p_t = resnet(teacher_depth, 1, 10)
+    return f_s, as_double(p_s), (lambda x, p, prefix, **pooled: f_t(x, p, False, prefix, **pooled),
+                                 as_double(p_t, requires_grad=False))
+
+
+def as_double(params, requires_grad=None):
+    return {k: v.detach().double().requires_grad_(v.requires_grad if requires_grad is None else requires_grad)
+            for k, v in params.items()}
+
+
+def test_each_method_term_is_its_loss_of_the_networks_outputs():
+    """Every new term, beside AT and standardised KD, is its losses.py function of the outputs
+    RepDistiller hands it: the last groups (SP), pooled features (CC through its embeddings,
+    RKD, PKT), each group pair (NST, VID through its regressor), all groups (KDSVD, FSP), logits."""
+    import losses
+    opt = options('--teacher_id', 't', '--alpha', 0.9, '--beta', 1e3, '--temperature', 2, '--logit_stand',
+                  '--rkd_w_d', 5, '--rkd_w_a', 7, '--kdsvd_k', 2, '--dkd_alpha', 0.5, '--dkd_nckd', 3,
+                  *METHOD_FLAGS)
+    f_s, p_s, teacher = double_pair()
+    transfer, params = join_networks(opt, f_s, p_s, teacher)
+    params = as_double(params)  # the learned parts, made in float32, as a --dtype double run casts them
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        _, terms = transfer(x, y, params, False)
+        z_s, g_s, e_s = f_s(x, params, False, 'student.', pooled=True)
+        z_t, g_t, e_t = teacher[0](x, params, 'teacher.', pooled=True)
+
+    def embed(e, side):
+        return F.linear(e, params[f'aux.cc.embed_{side}.weight'], params[f'aux.cc.embed_{side}.bias'])
+
+    def regress(s, g):
+        for i in range(3):
+            s = F.conv2d(s, params[f'aux.vid{g}.conv{i}'])
+            s = F.relu(s) if i < 2 else s
+        return s
+
+    expected = {
+        'distillation': losses.distillation(z_s, z_t, y, 2, 0.9, standardize=True),
+        **{f'at{g}': losses.at_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
+        'sp': losses.sp_loss(g_s[-1], g_t[-1]), 'cc': losses.cc_loss(embed(e_s, 's'), embed(e_t, 't')),
+        'rkd': losses.rkd_loss(e_s, e_t, 5, 7), 'pkt': losses.pkt_loss(e_s, e_t),
+        **{f'nst{g}': losses.nst_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
+        'kdsvd': losses.kdsvd_loss(g_s, g_t, 2), 'fsp': losses.fsp_loss(g_s, g_t),
+        **{f'vid{g}': losses.vid_loss(regress(s, g), t, params[f'aux.vid{g}.log_scale'])
+           for g, (s, t) in enumerate(zip(g_s, g_t))},
+        'dkd': losses.dkd_loss(z_s, z_t, y, 0.5, 3, 2, standardize=True)}
+    assert list(terms) == transfer.term_names(training=False) == list(expected)
+    for name, value in expected.items():
+        assert value.abs() > 0, name
+        torch.testing.assert_close(terms[name], value, rtol=1e-12, atol=0, msg=name)
+    assert transfer.weights(1, []) == {'distillation': 1, 'at': 1e3, 'sp': 3000, 'cc': 0.02, 'rkd': 1,
+                                       'pkt': 3e4, 'nst': 50, 'kdsvd': 1, 'fsp': 50, 'vid': 1, 'dkd': 1 / 20}
+    # training: the weighted sum reaches the student and every learned part, never the teacher
+    _, terms = transfer(x, y, params, True)
+    weights = transfer.weights(1, [])
+    sum(weights[n.rstrip('0123456789')] * v for n, v in terms.items()).backward()
+    assert all(v.grad is None for k, v in params.items() if k.startswith('teacher.'))
+    for k, v in params.items():
+        if v.requires_grad:
+            assert v.grad is not None and v.grad.abs().sum() > 0, k
+
+
+def test_learned_parts_of_cc_and_vid_follow_repdistiller():
+    # WRN-10-0.5 (8/16/32 channels, pooled 32) from WRN-10-1 (16/32/64, pooled 64)
+    opt = options('--teacher_id', 't', '--cc_beta', 1, '--cc_dim', 24, '--vid_beta', 1)
+    _, params = join_networks(opt, *double_pair(0.5, 10))
+    aux = {k: tuple(v.shape) for k, v in params.items() if k.startswith('aux.')}
+    assert aux == {'aux.cc.embed_s.weight': (24, 32), 'aux.cc.embed_s.bias': (24,),
+                   'aux.cc.embed_t.weight': (24, 64), 'aux.cc.embed_t.bias': (24,),
+                   **{k: v for g, (c_s, c_t) in enumerate([(8, 16), (16, 32), (32, 64)]) for k, v in {
+                       f'aux.vid{g}.conv0': (c_t, c_s, 1, 1), f'aux.vid{g}.conv1': (c_t, c_t, 1, 1),
+                       f'aux.vid{g}.conv2': (c_t, c_t, 1, 1), f'aux.vid{g}.log_scale': (c_t,)}.items()}}
+    assert all(params[k].requires_grad for k in aux)
+    for g in range(3):  # VIDLoss's initial variance: softplus(log_scale) + eps = 5
+        variance = F.softplus(params[f'aux.vid{g}.log_scale']) + 1e-5
+        torch.testing.assert_close(variance, torch.full_like(variance, 5.0))
+
+
+@pytest.mark.parametrize('flag, name', [('--fsp_beta', 'FSP'), ('--kdsvd_beta', 'KDSVD')])
+def test_fsp_and_kdsvd_refuse_groups_of_other_widths(flag, name):
+    with pytest.raises(UserError, match=f"{flag}: {name} compares the groups' channels one to one, and group 0 "
+                                        f"has 8 in the student and 16 in the teacher"):
+        join_networks(options('--teacher_id', 't', flag, 1), *double_pair(0.5, 10))
+    join_networks(options('--teacher_id', 't', flag, 1), *double_pair(1, 10))  # equal widths
+
+
+def test_networks_hand_out_the_pooled_feature_only_to_methods_that_read_it():
+    f_s, p_s, (f_t, p_t) = double_pair()
+    asked = []
+
+    def spy(f, who):
+        def g(*args, **kw):
+            asked.append((who, kw.get('pooled', False)))
+            return f(*args, **kw)
+        return g
+
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2])
+    for flags, pooled in [(['--beta', 1, '--sp_beta', 1, '--nst_beta', 1, '--dkd_beta', 1], False),
+                          (['--cc_beta', 1], True), (['--rkd_beta', 1], True), (['--pkt_beta', 1], True)]:
+        transfer, params = join_networks(options('--teacher_id', 't', *flags), spy(f_s, 's'), p_s,
+                                         (spy(f_t, 't'), p_t))
+        params = as_double(params)
+        asked.clear()
+        transfer(x, y, params, True)
+        assert asked == [('s', pooled), ('t', pooled)], flags
+        assert transfer.teacher_outputs(x, y, params, pooled=True)[3].shape == (2, 64)  # a cohort's other member
+
+
+def test_dkd_warms_up_with_the_epoch():
+    transfer, _ = join_networks(options('--teacher_id', 't', '--dkd_beta', 2, '--dkd_warmup', 4), *double_pair())
+    assert [transfer.weights(e, [])['dkd'] for e in range(1, 7)] == [0.5, 1, 1.5, 2, 2, 2]
+    transfer, _ = join_networks(options('--teacher_id', 't', '--dkd_beta', 2, '--dkd_warmup', 0), *double_pair())
+    assert transfer.weights(1, [])['dkd'] == 2
+
+
+def test_method_settings_that_cannot_train_are_refused():
+    for flags, phrase in [(['--sp_beta', 1], '--sp_beta compares the student with a teacher; give --teacher_id'),
+                          (['--dkd_beta', 1], '--dkd_beta compares the student with a teacher'),
+                          (['--vid_beta', -1, '--teacher_id', 't'], '--vid_beta -1.0 is negative'),
+                          (['--kdsvd_k', 0], '--kdsvd_k 0 is below 1'), (['--cc_dim', 0], '--cc_dim 0 is below 1'),
+                          (['--rkd_w_a', -1], '--rkd_w_a -1.0 is negative'),
+                          (['--dkd_nckd', -8], '--dkd_nckd -8.0 is negative'),
+                          (['--dkd_warmup', -1], '--dkd_warmup -1 is negative')]:
+        with pytest.raises(UserError, match=phrase):
+            options(*flags)
+
+
+def test_runs_share_a_compiled_forward_only_with_the_same_settings():
+    from training import forward_options
+    base = forward_options(options('--teacher_id', 't', '--rkd_beta', 1, '--dkd_beta', 1))
+    assert forward_options(options('--teacher_id', 't', '--rkd_beta', 2, '--dkd_beta', 3, '--dkd_warmup', 5)) == base
+    for flags in (['--rkd_w_d', 1], ['--rkd_w_a', 1], ['--kdsvd_k', 2], ['--cc_dim', 64], ['--dkd_alpha', 2],
+                  ['--dkd_nckd', 2], ['--logit_stand'], ['--pkt_beta', 1]):
+        assert forward_options(options('--teacher_id', 't', '--rkd_beta', 1, '--dkd_beta', 1, *flags)) != base, flags
+
+
+def test_fsp_with_other_widths_is_a_one_line_error_that_writes_nothing(image_tree, workdir):
+    before = sorted(os.listdir(workdir / 'logs'))
+    expect_user_error(run_in_process(cifar.main, *TINY, '--width', 0.5, '--epochs', 1, '--dataroot', image_tree,
+                                     '--teacher_id', 'teacher', '--fsp_beta', 50, '--save', 'logs/fsp', cwd=workdir),
+                      "--fsp_beta: FSP compares the groups' channels one to one, and group 0 has 8 in the student "
+                      "and 16 in the teacher")
     assert sorted(os.listdir(workdir / 'logs')) == before

@@ -1,6 +1,6 @@
 import torch
 
-from utils import flatten, cast, print_tensor_dict
+from utils import cast, flatten, print_tensor_dict
 
 
 def test_flatten_keeps_order_and_drops_none():
