@@ -18,7 +18,6 @@ import time
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 
 import distributed
 import tensorboard_log
@@ -38,6 +37,7 @@ from checkpoint import (
 from cohort import seed_generators
 from devices import speed_settings, uses_channels_last
 from errors import LostProcess, RunStopped
+from meters import Meters, shown_loss
 from options import epoch_steps
 from stopping import WRITE_FAILED, NonFiniteWatch, SignalStop, resume_flags, standing_checkpoints, write_failure
 from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS, Transfer, double_backward, kind, step_schedule
@@ -63,72 +63,6 @@ def join_networks(opt, f_s, params_s, teacher=None, image_size=32):
 def learning_rate(opt, epoch, epoch_step):
     """LR of 1-based `epoch`: multiplied by lr_decay_ratio from each listed epoch on."""
     return step_schedule(opt.lr, opt.lr_decay_ratio, epoch, epoch_step)
-
-
-# ----------------------------------------------------------------------------------------------
-# Meters
-
-class MeanStd(Metric):
-    """Mean and sample standard deviation of one scalar per batch (the reference code's
-    AverageValueMeter). Values stay on the device until the epoch ends: no host sync per step.
-    Under torchrun each process's value is weighted by its share of the batch and summed, which
-    gives the value of the whole batch."""
-
-    def __init__(self, output_transform=lambda o: o, device='cpu'):
-        super().__init__(output_transform=output_transform, device=device)
-
-    def reset(self):
-        self._values = []
-
-    def update(self, output):
-        value, share = output
-        self._values.append(value.detach().float().reshape(()) * share)
-
-    def running_mean(self):
-        return torch.stack(self._values).mean() if self._values else float('nan')
-
-    def compute(self):
-        if not self._values:
-            return [None, None]
-        v = distributed.all_reduce_sum(torch.stack(self._values)).double().cpu()
-        std = v.std().item() if len(v) > 1 else None  # undefined for a single batch
-        return [v.mean().item(), std]
-
-
-def shown_loss(members):
-    """The mean training loss so far this epoch of the first run still training, for the
-    progress bar. Under torchrun each process's running mean holds its share-weighted values,
-    so their sum (one small all-reduce, which every rank must join) is the mean over the global
-    batches: the figure the epoch's train_loss will log."""
-    meter = next((m.train_meters.metrics['loss'] for m in members if not m.stopped), None)
-    value = meter.running_mean() if meter is not None else float('nan')
-    # Every rank has the same members stopped and the same steps taken, so all or none reduce.
-    return distributed.all_reduce_sum(value) if torch.is_tensor(value) else value
-
-
-class Meters:
-    """One run's meters over an epoch: loss, accuracy (top-1, and top-k for ImageNet) and one
-    MeanStd per loss term, fed from the step's output for that run."""
-
-    def __init__(self, term_names, topk, device):
-        self.metrics = {'loss': MeanStd(lambda o: (o['loss'], o['share']), device),
-                        'top1': Accuracy(lambda o: (o['y_pred'], o['y']), device=device)}
-        if topk > 1:
-            self.metrics[f'top{topk}'] = TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']),
-                                                                 device=device)
-        for name in term_names:
-            self.metrics['term:' + name] = MeanStd(lambda o, name=name: (o['terms'][name], o['share']), device)
-
-    def reset(self):
-        for m in self.metrics.values():
-            m.reset()
-
-    def update(self, output):
-        for m in self.metrics.values():
-            m.update(m._output_transform(output))
-
-    def compute(self):
-        return {name: m.compute() for name, m in self.metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------

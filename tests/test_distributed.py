@@ -86,7 +86,7 @@ def test_every_process_stops_when_one_diverges(tmp_path):
 def progress_and_log_of_two_ranks(rank, world):
     """Three global batches of 9 samples (5 on rank 0, 4 on rank 1), each process's own loss
     on its slice: what the progress bar shows and what the epoch's log line will say."""
-    from training import MeanStd, shown_loss
+    from meters import MeanStd, shown_loss
     meter = MeanStd()
     for loss in ([2.0, 1.0, 3.0], [4.0, 0.5, 1.0])[rank]:
         meter.update((torch.tensor(loss), distributed.share(9)))

@@ -9,9 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cifar
 from devices import cpu_has_bf16, speed_settings, to_channels_last_
 from errors import UserError
+from meters import MeanStd
 from options import epoch_steps
 from resnet import resnet
-from training import MeanStd, build_members, join_networks, learning_rate, make_steps, restore
+from training import build_members, join_networks, learning_rate, make_steps, restore
 from transfer import add_benchmark_method_arguments
 
 
