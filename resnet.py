@@ -10,6 +10,11 @@ ResNet-18/34 of the paper's section 4.2; the teacher runs with its BNs folded in
 
 Every network also takes pooled=True and then returns (logits, groups, feature): the feature is
 the (B, C) vector its classifier reads, which relation-based methods (CC, RKD, PKT) compare.
+The CIFAR networks (the WRN here, the families in models/) also take preact=True and then return
+(logits, groups, feature, preact_groups): each group's output before the ReLU that follows it, as
+RepDistiller's `preact=True` features define it, which AB and OFD compare; `f.bn_before_relu`
+names, per group, the batch norm that sets that output's distribution (OFD's margins). The
+ImageNet networks take no preact.
 """
 import os
 import re
@@ -54,29 +59,39 @@ def resnet(depth, width, num_classes):
     }))
 
     def block(x, params, base, mode, stride):
-        o1 = F.relu(batch_norm(x, params, base + '.bn0', mode))
+        """The block's output and its input's batch norm (before that ReLU)."""
+        a = batch_norm(x, params, base + '.bn0', mode)
+        o1 = F.relu(a)
         y = F.conv2d(o1, params[base + '.conv0'], stride=stride, padding=1)
         o2 = F.relu(batch_norm(y, params, base + '.bn1', mode))
         z = F.conv2d(o2, params[base + '.conv1'], stride=1, padding=1)
         if base + '.convdim' in params:
-            return z + F.conv2d(o1, params[base + '.convdim'], stride=stride)
-        return z + x
+            return z + F.conv2d(o1, params[base + '.convdim'], stride=stride), a
+        return z + x, a
 
     def group(o, params, base, mode, stride):
-        for i in range(n):
-            o = block(o, params, f'{base}.block{i}', mode, stride if i == 0 else 1)
-        return o
+        """The group's output and its first block's bn0 of the group's input."""
+        o, entry = block(o, params, f'{base}.block0', mode, stride)
+        for i in range(1, n):
+            o, _ = block(o, params, f'{base}.block{i}', mode, 1)
+        return o, entry
 
-    def f(input, params, mode, base='', pooled=False):
+    def f(input, params, mode, base='', pooled=False, preact=False):
         x = F.conv2d(input, params[base + 'conv0'], padding=1)
-        g0 = group(x, params, base + 'group0', mode, 1)
-        g1 = group(g0, params, base + 'group1', mode, 2)
-        g2 = group(g1, params, base + 'group2', mode, 2)
-        o = F.relu(batch_norm(g2, params, base + 'bn', mode))
-        o = F.avg_pool2d(o, 8, 1, 0).flatten(1)
+        g0, _ = group(x, params, base + 'group0', mode, 1)
+        g1, p0 = group(g0, params, base + 'group1', mode, 2)
+        g2, p1 = group(g1, params, base + 'group2', mode, 2)
+        p2 = batch_norm(g2, params, base + 'bn', mode)
+        o = F.avg_pool2d(F.relu(p2), 8, 1, 0).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            # A pre-activation block has no ReLU at its end: RepDistiller's pre-ReLU value of a
+            # group is the BN that the next block (or the final bn) applies to it, which the
+            # forward computes anyway, so asking for it costs nothing (nor updates BN stats twice).
+            return logits, (g0, g1, g2), o, (p0, p1, p2)
         return (logits, (g0, g1, g2), o) if pooled else (logits, (g0, g1, g2))
 
+    f.bn_before_relu = ('group1.block0.bn0', 'group2.block0.bn0', 'bn')
     return f, params
 
 

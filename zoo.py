@@ -37,7 +37,8 @@ ARCHS = tuple(NETWORKS)
 
 def network(arch, num_classes):
     """(f, params) for one of ARCHS, f(x, params, mode, base='') -> (logits, groups), or with
-    pooled=True (logits, groups, feature), feature the classifier's (B, C) input."""
+    pooled=True (logits, groups, feature), feature the classifier's (B, C) input, or with
+    preact=True (logits, groups, feature, the groups before their ReLUs)."""
     if arch not in NETWORKS:
         raise UserError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHS)}')
     return NETWORKS[arch][1](num_classes)

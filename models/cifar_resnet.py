@@ -12,7 +12,9 @@ shortcut, then ReLU. Where a block changes shape its shortcut is a strided 1x1 c
 Keys: conv0, bn0 (stem); group{g}.block{i}.conv0, .bn0, .conv1, .bn1, and where the shape
 changes .shortcut.conv, .shortcut.bn; fc.weight, fc.bias. Convolutions have no bias.
 
-groups: the three group outputs, after their last ReLU.
+groups: the three group outputs, after their last ReLU; preact groups (preact=True): the same
+before that ReLU, the last block's sum (RepDistiller's `preact`), whose distribution that block's
+bn1 sets (`f.bn_before_relu`).
 """
 import torch.nn.functional as F
 
@@ -42,18 +44,23 @@ def resnet(depth, widen, num_classes):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem),
         **groups, 'fc': linear_params(widths[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         o = F.conv2d(x, params[base + 'conv0'], padding=1)
         o = F.relu(batch_norm(o, params, base + 'bn0', mode))
-        outputs = []
+        outputs, preacts = [], []
         for g in range(3):
             for i in range(n):
-                o = basic_block(o, params, f'{base}group{g}.block{i}.', mode, stride(g, i))
+                sum_ = basic_block(o, params, f'{base}group{g}.block{i}.', mode, stride(g, i))
+                o = F.relu(sum_)
             outputs.append(o)
+            preacts.append(sum_)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
+    f.bn_before_relu = tuple(f'group{g}.block{n - 1}.bn1' for g in range(3))
     return f, params
 
 
@@ -63,10 +70,11 @@ def stride(g, i):
 
 
 def basic_block(x, params, base, mode, stride):
+    """The block's sum of residual and shortcut, before its closing ReLU."""
     o = F.conv2d(x, params[base + 'conv0'], stride=stride, padding=1)
     o = F.relu(batch_norm(o, params, base + 'bn0', mode))
     o = batch_norm(F.conv2d(o, params[base + 'conv1'], padding=1), params, base + 'bn1', mode)
     if base + 'shortcut.conv' in params:
         x = F.conv2d(x, params[base + 'shortcut.conv'], stride=stride)
         x = batch_norm(x, params, base + 'shortcut.bn', mode)
-    return F.relu(o + x)
+    return o + x

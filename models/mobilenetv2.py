@@ -15,6 +15,10 @@ Keys: conv0, bn0 (stem); group{s}.block{i}.conv0, .bn0 (expansion), .conv1, .bn1
 Convolutions have no bias.
 
 groups: the outputs of stages 1, 2, 4 and 6, the last stage at each resolution (16, 8, 4, 2).
+No ReLU follows them (the projection is linear), so the preact groups (preact=True) are the
+groups themselves, as RepDistiller's forward returns them with preact=True; their distribution
+is set by the last projection BN of each stage (`f.bn_before_relu`, RepDistiller's and
+mdistiller's `blocks[s][-1].conv[-1]`).
 """
 import torch.nn.functional as F
 
@@ -47,7 +51,7 @@ def mobilenetv2(num_classes, width=0.5):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem), **groups,
         'conv1': conv_params(ni, last, 1), 'bn1': bnparams(last), 'fc': linear_params(last, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         o = F.conv2d(x, params[base + 'conv0'], stride=2, padding=1)
         o = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs = {}
@@ -59,8 +63,11 @@ def mobilenetv2(num_classes, width=0.5):
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         groups = tuple(outputs[s] for s in GROUPS)
+        if preact:
+            return logits, groups, o, groups
         return (logits, groups, o) if pooled else (logits, groups)
 
+    f.bn_before_relu = tuple(f'group{s}.block{STAGES[s][2] - 1}.bn2' for s in GROUPS)
     return f, params
 
 

@@ -10,7 +10,9 @@ strided 1x1 conv with a BN.
 Keys: conv0, bn0 (stem); group{g}.block{i}.conv0, .bn0, .conv1, .bn1, .conv2, .bn2, and where
 the shape changes .shortcut.conv, .shortcut.bn; fc.weight, fc.bias. Convolutions have no bias.
 
-groups: the four group outputs, after their last ReLU.
+groups: the four group outputs, after their last ReLU; preact groups (preact=True): the same
+before that ReLU, the last block's sum (RepDistiller's `preact`), whose distribution that block's
+bn2 sets (`f.bn_before_relu`).
 """
 import torch.nn.functional as F
 
@@ -44,18 +46,23 @@ def bottleneck_resnet(blocks, num_classes):
         'conv0': conv_params(3, 64, 3), 'bn0': bnparams(64),
         **groups, 'fc': linear_params(widths[-1] * EXPANSION, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         o = F.conv2d(x, params[base + 'conv0'], padding=1)
         o = F.relu(batch_norm(o, params, base + 'bn0', mode))
-        outputs = []
+        outputs, preacts = [], []
         for g, n in enumerate(blocks):
             for i in range(n):
-                o = bottleneck(o, params, f'{base}group{g}.block{i}.', mode, stride(g, i))
+                sum_ = bottleneck(o, params, f'{base}group{g}.block{i}.', mode, stride(g, i))
+                o = F.relu(sum_)
             outputs.append(o)
+            preacts.append(sum_)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
+    f.bn_before_relu = tuple(f'group{g}.block{n - 1}.bn2' for g, n in enumerate(blocks))
     return f, params
 
 
@@ -65,6 +72,7 @@ def stride(g, i):
 
 
 def bottleneck(x, params, base, mode, stride):
+    """The block's sum of residual and shortcut, before its closing ReLU."""
     o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
     o = F.conv2d(o, params[base + 'conv1'], stride=stride, padding=1)
     o = F.relu(batch_norm(o, params, base + 'bn1', mode))
@@ -72,4 +80,4 @@ def bottleneck(x, params, base, mode, stride):
     if base + 'shortcut.conv' in params:
         x = F.conv2d(x, params[base + 'shortcut.conv'], stride=stride)
         x = batch_norm(x, params, base + 'shortcut.bn', mode)
-    return F.relu(o + x)
+    return o + x

@@ -13,7 +13,10 @@ A global average pool and a linear classifier end it.
 Keys: conv0, bn0 (stem); group{g}.block{i}.conv0, .bn0 (grouped 1x1), .conv1, .bn1 (depthwise),
 .conv2, .bn2 (grouped 1x1); fc.weight, fc.bias. Convolutions have no bias.
 
-groups: the three stage outputs, after their last ReLU.
+groups: the three stage outputs, after their last ReLU; preact groups (preact=True): the same
+before that ReLU, the last unit's sum (RepDistiller's `preact`). Neither RepDistiller nor
+mdistiller names a BN before those ReLUs (both refuse ShuffleNet as an OFD teacher), so
+`f.bn_before_relu` is None.
 """
 import torch
 import torch.nn.functional as F
@@ -45,16 +48,19 @@ def shufflenetv1(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
-        outputs = [None] * len(BLOCKS)
+        outputs, preacts = [None] * len(BLOCKS), [None] * len(BLOCKS)
         for g, i, g_in in units:
-            o = shuffle_unit(o, params, f'{base}group{g}.block{i}.', mode, 2 if i == 0 else 1, g_in)
-            outputs[g] = o
+            preacts[g] = shuffle_unit(o, params, f'{base}group{g}.block{i}.', mode, 2 if i == 0 else 1, g_in)
+            o = outputs[g] = F.relu(preacts[g])
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
+    f.bn_before_relu = None
     return f, params
 
 
@@ -65,6 +71,7 @@ def channel_shuffle(x, groups):
 
 
 def shuffle_unit(x, params, base, mode, stride, g_in):
+    """The unit's sum (or concatenation) with its shortcut, before its closing ReLU."""
     o = F.conv2d(x, params[base + 'conv0'], groups=g_in)
     o = channel_shuffle(F.relu(batch_norm(o, params, base + 'bn0', mode)), g_in)
     depthwise = params[base + 'conv1']
@@ -72,5 +79,5 @@ def shuffle_unit(x, params, base, mode, stride, g_in):
     o = F.relu(batch_norm(o, params, base + 'bn1', mode))
     o = batch_norm(F.conv2d(o, params[base + 'conv2'], groups=GROUPS), params, base + 'bn2', mode)
     if stride == 2:
-        return F.relu(torch.cat([o, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-    return F.relu(o + x)
+        return torch.cat([o, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+    return o + x

@@ -17,7 +17,11 @@ group{g}.block0.right.conv{j}, .right.bn{j} (j = 0, 1, 2) for the down-sampling 
 group{g}.block{i}.conv{j}, .bn{j} (i >= 1, j = 0, 1, 2) for the basic units; conv1, bn1 (the
 1x1 conv to 1024); fc.weight, fc.bias. Convolutions have no bias.
 
-groups: the three stage outputs (after the shuffle of their last unit).
+groups: the three stage outputs (after the shuffle of their last unit); preact groups
+(preact=True): the last unit's concatenation before its branch's closing ReLU and before the
+shuffle, the passed-through half first (RepDistiller's `preact`). Neither RepDistiller nor
+mdistiller names a BN before those ReLUs (both refuse ShuffleNet as an OFD teacher), so
+`f.bn_before_relu` is None.
 """
 import torch
 import torch.nn.functional as F
@@ -39,19 +43,23 @@ def shufflenetv2(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'conv1': conv_params(ni, LAST, 1), 'bn1': bnparams(LAST), 'fc': linear_params(LAST, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
-        outputs = []
+        outputs, halves = [], []
         for g, n in enumerate(BLOCKS):
             o = down_unit(o, params, f'{base}group{g}.block0.', mode)
             for i in range(1, n + 1):
-                o = basic_unit(o, params, f'{base}group{g}.block{i}.', mode)
+                o, last = basic_unit(o, params, f'{base}group{g}.block{i}.', mode)
             outputs.append(o)
+            halves.append(last)
         o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            return logits, tuple(outputs), o, tuple(torch.cat(h, 1) for h in halves)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
+    f.bn_before_relu = None
     return f, params
 
 
@@ -68,10 +76,10 @@ def basic_params(ni, no):
             'conv2': conv_params(no, no, 1), 'bn2': bnparams(no)}
 
 
-def pointwise(x, params, base, j, mode):
-    """1x1 conv j of a branch, its BN and a ReLU."""
-    o = F.conv2d(x, params[f'{base}conv{j}'])
-    return F.relu(batch_norm(o, params, f'{base}bn{j}', mode))
+def pointwise(x, params, base, j, mode, relu=True):
+    """1x1 conv j of a branch, its BN and (unless relu is False) a ReLU."""
+    o = batch_norm(F.conv2d(x, params[f'{base}conv{j}']), params, f'{base}bn{j}', mode)
+    return F.relu(o) if relu else o
 
 
 def depthwise(x, params, base, j, mode, stride):
@@ -82,18 +90,21 @@ def depthwise(x, params, base, j, mode, stride):
 
 
 def branch(x, params, base, mode, stride):
-    """1x1, 3x3 depthwise (carrying the stride), 1x1: the right branch of both units."""
+    """1x1, 3x3 depthwise (carrying the stride), 1x1: the right branch of both units, before
+    its closing ReLU."""
     o = pointwise(x, params, base, 0, mode)
-    return pointwise(depthwise(o, params, base, 1, mode, stride), params, base, 2, mode)
+    return pointwise(depthwise(o, params, base, 1, mode, stride), params, base, 2, mode, relu=False)
 
 
 def down_unit(x, params, base, mode):
     left = depthwise(x, params, base + 'left.', 0, mode, stride=2)
     left = pointwise(left, params, base + 'left.', 1, mode)
-    right = branch(x, params, base + 'right.', mode, stride=2)
+    right = F.relu(branch(x, params, base + 'right.', mode, stride=2))
     return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
 def basic_unit(x, params, base, mode):
+    """The unit's output, and the two halves it concatenates before the branch's ReLU."""
     kept, transformed = x.chunk(2, dim=1)
-    return channel_shuffle(torch.cat([kept, branch(transformed, params, base, mode, 1)], 1), 2)
+    a = branch(transformed, params, base, mode, 1)
+    return channel_shuffle(torch.cat([kept, F.relu(a)], 1), 2), (kept, a)

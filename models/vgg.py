@@ -10,7 +10,9 @@ Keys: group{g}.conv{j}.weight, .bias (these convs keep their bias, as in the CRD
 a BN follows); group{g}.bn{j}; fc.weight, fc.bias.
 
 groups: the outputs of groups 1 to 4, after their last ReLU (group 0 plays the stem's part and,
-as in the CRD code, attention transfer leaves it out).
+as in the CRD code, attention transfer leaves it out); preact groups (preact=True): the same
+before that ReLU, the output of the group's last BN (RepDistiller's `f{g}_pre`, that BN named in
+`f.bn_before_relu`).
 """
 import torch
 import torch.nn.functional as F
@@ -38,21 +40,26 @@ def vgg(depth, num_classes):
         groups[f'group{g}'] = group
     params = set_requires_grad_except_bn_(flatten({**groups, 'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False):
+    def f(x, params, mode, base='', pooled=False, preact=False):
         # The CRD code pools after group 3 only for 64x64 input (Tiny ImageNet), so that there
         # too the last group runs at 4x4.
         pools = (True, True, True, x.shape[2] == 64, False)
-        o, outputs = x, []
+        o, outputs, preacts = x, [], []
         for g, n in enumerate(convs):
             for j in range(n):
                 o = F.conv2d(o, params[f'{base}group{g}.conv{j}.weight'],
                              params[f'{base}group{g}.conv{j}.bias'], padding=1)
-                o = F.relu(batch_norm(o, params, f'{base}group{g}.bn{j}', mode))
+                a = batch_norm(o, params, f'{base}group{g}.bn{j}', mode)
+                o = F.relu(a)
             outputs.append(o)
+            preacts.append(a)
             if pools[g]:
                 o = F.max_pool2d(o, 2)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if preact:
+            return logits, tuple(outputs[1:]), o, tuple(preacts[1:])
         return (logits, tuple(outputs[1:]), o) if pooled else (logits, tuple(outputs[1:]))
 
+    f.bn_before_relu = tuple(f'group{g}.bn{convs[g] - 1}' for g in range(1, len(convs)))
     return f, params

@@ -154,3 +154,50 @@ def test_imagenet_student_and_folded_teacher_hand_out_the_pooled_feature():
             assert torch.equal(y, y_pooled) and all(torch.equal(a, b) for a, b in zip(groups, groups_pooled))
         torch.testing.assert_close(teacher(x, folded, pooled=True)[2], student(x, params, False, pooled=True)[2],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_preact_groups_are_the_bns_that_follow_each_group():
+    """RepDistiller's WRN with preact=True: block2.layer[0].bn1(f1), block3.layer[0].bn1(f2),
+    bn1(f3), here group1.block0.bn0(g0), group2.block0.bn0(g1) and bn(g2), the BNs that
+    f.bn_before_relu names; read from inside the forward, so training mode updates each BN's
+    statistics once, as without preact."""
+    torch.manual_seed(5)
+    f, params = resnet(16, 1, 10)
+    for k, v in params.items():
+        if k.endswith('running_mean'):
+            v.normal_()
+        elif k.endswith('running_var'):
+            v.uniform_(0.5, 2)
+    ref = WRN(16, 1, 10).double().eval()
+    ref.load_flat(params)
+    params = {k: v.double() for k, v in params.items()}
+    assert f.bn_before_relu == ('group1.block0.bn0', 'group2.block0.bn0', 'bn')
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, groups = f(x, params, False)
+        y_p, groups_p, feature, preact = f(x, params, False, preact=True)
+        _, groups_ref = ref(x)
+        expected = [ref.groups[1][0].bn0(groups_ref[0]), ref.groups[2][0].bn0(groups_ref[1]), ref.bn(groups_ref[2])]
+    assert torch.equal(y, y_p) and all(torch.equal(a, b) for a, b in zip(groups, groups_p))
+    assert feature.shape == (2, 64) and [p.shape for p in preact] == [g.shape for g in groups]
+    for p, g, name, e in zip(preact, groups, f.bn_before_relu, expected):
+        assert {name + s for s in ('.weight', '.bias', '.running_mean', '.running_var')} <= params.keys()
+        torch.testing.assert_close(p, F.batch_norm(g, params[name + '.running_mean'], params[name + '.running_var'],
+                                                   params[name + '.weight'], params[name + '.bias']))
+        torch.testing.assert_close(p, e)
+        assert (p < 0).any()  # before the ReLU
+    trained = [{k: v.clone() for k, v in params.items()} for _ in range(2)]
+    with torch.no_grad():
+        f(x, trained[0], True)
+        f(x, trained[1], True, preact=True)
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in params)
+
+
+def test_imagenet_networks_refuse_preact():
+    student, params = define_student(18, 0.125, 10)
+    teacher, folded = teacher_forward(IMAGENET_BLOCKS[18]), fold_batch_norm(params)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(TypeError, match='preact'):
+        student(x, params, False, preact=True)
+    with pytest.raises(TypeError, match='preact'):
+        teacher(x, folded, preact=True)

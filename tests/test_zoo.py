@@ -1,4 +1,5 @@
 import argparse
+from unittest import mock
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import zoo
 from errors import UserError
+from models import shufflenetv2
 from repdistiller_reference import REFERENCES
 
 # Parameter counts of RepDistiller's modules for 100 classes (state dict without num_batches_tracked).
@@ -115,6 +117,95 @@ def test_training_mode_moves_running_statistics_like_repdistiller(arch):
     for k in before:
         assert not torch.equal(params[k], before[k])
         torch.testing.assert_close(params[k], state[zoo.repdistiller_name(arch, k)], rtol=1e-9, atol=1e-12)
+
+
+def repdistiller_preact(ref, arch, x):
+    """feats[1:-1] of RepDistiller's forward(x, is_feat=True, preact=True), read off the reference
+    module (eval mode): for the families whose groups end in a block's closing ReLU, the value
+    that ReLU is given (its `preact = out; out = F.relu(out)`), ShuffleV2's with the passed-through
+    half before it; the WRN's BNs of models/wrn.py; VGG's blocks, which end in their BN;
+    MobileNetV2's plain features (its forward ignores preact)."""
+    family = zoo.NETWORKS[arch][0]
+    feats, _ = ref(x, is_feat=True)
+    if family == 'wrn':
+        return [ref.block2.layer[0].bn1(feats[1]), ref.block3.layer[0].bn1(feats[2]), ref.bn1(feats[3])]
+    if family == 'mobilenetv2':
+        return feats[1:-1]
+    if family == 'vgg':
+        blocks = [getattr(ref, f'block{b}') for b in range(1, 5)]
+    else:
+        blocks = [layer[-1] for layer in (ref.layer1, ref.layer2, ref.layer3, getattr(ref, 'layer4', None)) if layer]
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for b in blocks]
+    ref(x)
+    for h in hooks:
+        h.remove()
+    if family == 'vgg':
+        return [b(i) for b, i in zip(blocks, inputs)]
+    preacts = []
+    for block, i in zip(blocks, inputs):
+        with mock.patch.object(F, 'relu', wraps=F.relu) as relu:
+            block(i)
+        closing = relu.call_args_list[-1].args[0]
+        preacts.append(torch.cat([i[:, :i.shape[1] // 2], closing], 1) if family == 'shufflev2' else closing)
+    return preacts
+
+
+@pytest.mark.parametrize('arch', ONE_PER_FAMILY)
+def test_preact_groups_are_repdistillers_pre_relu_features(arch):
+    ref = reference(arch).double().eval()
+    f, params = zoo.network(arch, 100)
+    state = ref.state_dict()
+    params = {k: state[zoo.repdistiller_name(arch, k)] for k in params}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits, groups = f(x, params, False)
+        logits_p, groups_p, feature, preact = f(x, params, False, preact=True)
+        expected = repdistiller_preact(ref, arch, x)
+    assert torch.equal(logits, logits_p) and len(groups_p) == len(preact) == len(expected) == len(groups)
+    assert all(torch.equal(a, b) for a, b in zip(groups, groups_p))
+    torch.testing.assert_close(logits, F.linear(feature, params['fc.weight'], params['fc.bias']))
+    family = zoo.NETWORKS[arch][0]
+    for g, p, e in zip(groups, preact, expected):
+        torch.testing.assert_close(p, e, rtol=1e-9, atol=1e-9 * e.abs().max().item())
+        if family == 'mobilenetv2':  # a linear bottleneck: no ReLU follows a stage
+            assert torch.equal(p, g)
+        elif family == 'shufflev2':
+            assert (p < 0).any() and torch.equal(shufflenetv2.channel_shuffle(F.relu(p), 2), g)
+        elif family != 'wrn':  # the WRN's BN relation is tested in test_resnet.py
+            assert (p < 0).any() and torch.equal(F.relu(p), g)
+    for name, p in zip(f.bn_before_relu or (), preact):
+        assert {name + s for s in ('.weight', '.bias', '.running_mean', '.running_var')} <= params.keys()
+        assert params[name + '.weight'].shape == (p.shape[1],)
+
+
+# f.bn_before_relu under RepDistiller's module names, written from mdistiller's get_bn_before_relu
+# (layer[-1].bn2 / .bn3, block2.layer[0].bn1, block{g}[-1], blocks[s][-1].conv[-1]).
+BN_BEFORE_RELU = {
+    'resnet8x4': ['layer1.0.bn2', 'layer2.0.bn2', 'layer3.0.bn2'],
+    'resnet32x4': ['layer1.4.bn2', 'layer2.4.bn2', 'layer3.4.bn2'],
+    'ResNet50': ['layer1.2.bn3', 'layer2.3.bn3', 'layer3.5.bn3', 'layer4.2.bn3'],
+    'wrn_40_2': ['block2.layer.0.bn1', 'block3.layer.0.bn1', 'bn1'],
+    'vgg8': ['block1.1', 'block2.1', 'block3.1', 'block4.1'],
+    'vgg13': ['block1.4', 'block2.4', 'block3.4', 'block4.4'],
+    'MobileNetV2': ['blocks.1.1.conv.7', 'blocks.2.2.conv.7', 'blocks.4.2.conv.7', 'blocks.6.0.conv.7'],
+    'ShuffleV1': None, 'ShuffleV2': None,  # neither reference names them: no OFD teacher
+}
+
+
+@pytest.mark.parametrize('arch', zoo.ARCHS)
+def test_bn_before_relu_names_mdistillers_batch_norms(arch):
+    with torch.device('meta'):  # names and shapes only
+        f, params = zoo.network(arch, 100)
+        _, groups, _, preact = f(torch.zeros(1, 3, 32, 32), params, False, preact=True)
+    if zoo.NETWORKS[arch][0] in ('shufflev1', 'shufflev2'):
+        assert f.bn_before_relu is None
+        return
+    assert len(f.bn_before_relu) == len(groups)
+    for name, p in zip(f.bn_before_relu, preact):
+        assert params[name + '.weight'].shape == params[name + '.running_var'].shape == (p.shape[1],)
+    names = [zoo.repdistiller_name(arch, n + '.weight')[:-len('.weight')] for n in f.bn_before_relu]
+    assert names == BN_BEFORE_RELU.get(arch, names)
 
 
 def test_base_prefix_selects_one_network_of_a_shared_dict():
