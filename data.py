@@ -268,8 +268,9 @@ def random_crop_flip(x, pad, generator, padding='reflect'):
 
 
 class Loader:
-    """Iterates (normalised float images, labels, share) batches over in-memory uint8 images;
-    `share` is this process's fraction of the global batch (1 without torchrun).
+    """Iterates (normalised float images, labels, share, index) batches over in-memory uint8
+    images; `share` is this process's fraction of the global batch (1 without torchrun) and
+    `index` the batch's positions in the dataset (what CRD's memory is indexed by).
 
     With `train`, each epoch is a fresh permutation plus random crop and flip, drawn from a
     generator seeded by (seed, epoch): an epoch's batches depend only on its number, so a
@@ -310,7 +311,8 @@ class Loader:
             if b < skip:
                 continue
             share = distributed.share(len(x))
-            x, y = distributed.shard(x), distributed.shard(self.labels[idx])
+            index = idx if self.train else torch.arange(start, start + len(x), device=self.images.device)
+            x, y, index = distributed.shard(x), distributed.shard(self.labels[idx]), distributed.shard(index)
             # The crop's gather leaves the batch NHWC in memory; the reference path computes NCHW.
             x = x.contiguous(memory_format=layout)
-            yield (x.to(self.dtype) - self.mean) / self.std, y, share
+            yield (x.to(self.dtype) - self.mean) / self.std, y, share, index

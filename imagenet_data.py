@@ -73,7 +73,7 @@ def center_crop_box(width, height):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item (index, seed) -> (uint8 CROP x CROP x 3 array, label). The seed drives that image's
+    """Item (index, seed) -> (uint8 CROP x CROP x 3 array, label, index). The seed drives that image's
     augmentation, so an epoch's crops depend only on (run seed, epoch), not on worker state."""
 
     def __init__(self, paths, labels, train):
@@ -99,7 +99,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             im = im.resize((CROP, CROP), Image.Resampling.BILINEAR, box=center_crop_box(*im.size))
-        return torch.from_numpy(np.array(im)), self.labels[index]
+        return torch.from_numpy(np.array(im)), self.labels[index], index
 
 
 class EpochOrder(torch.utils.data.Sampler):
@@ -129,12 +129,13 @@ class EpochOrder(torch.utils.data.Sampler):
 
 
 class ImageFolderLoader:
-    """Normalised (x, y) batches of one split on `device`, x in `dtype` and, with
+    """Normalised (x, y, share, index) batches of one split on `device`, x in `dtype` and, with
     `channels_last`, in that memory layout; `set_epoch(e)` chooses the epoch's order."""
 
     def __init__(self, root, batch_size, train, *, seed=0, nthread=4, device=torch.device('cpu'),
                  dtype=torch.float32, channels_last=False):
         paths, labels, self.classes = list_image_folder(root)
+        self.labels = torch.tensor(labels)  # of every image, in dataset order (CRD's negatives read them)
         self.batch_size = batch_size
         self.order = EpochOrder(len(paths), batch_size, shuffle=train, seed=seed)
         workers = dict(num_workers=nthread, persistent_workers=True, prefetch_factor=4) if nthread > 0 else {}
@@ -152,15 +153,17 @@ class ImageFolderLoader:
         return len(self.batches)
 
     def __iter__(self):
-        """(x, y, share) batches; `share` is this process's fraction of the global batch."""
+        """(x, y, share, index) batches; `share` is this process's fraction of the global batch,
+        `index` the images' positions in the folder's list."""
         n, skip = self.order.n, self.order.skip  # read before iterating resets skip
         try:
-            for b, (x, y) in enumerate(self.batches, skip):
+            for b, (x, y, index) in enumerate(self.batches, skip):
                 share = distributed.share(min(self.batch_size, n - b * self.batch_size))
                 x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC is channels_last NCHW
                 if not self.channels_last:
                     x = x.contiguous()
-                yield (x.to(self.dtype) - self.mean) / self.std, y.to(self.device, non_blocking=True), share
+                yield ((x.to(self.dtype) - self.mean) / self.std, y.to(self.device, non_blocking=True), share,
+                       index.to(self.device, non_blocking=True))
         except UserError as e:
             # A worker's error arrives wrapped with its traceback; keep the one line for the user.
             raise UserError(str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]) from None

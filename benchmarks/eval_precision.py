@@ -23,7 +23,7 @@ def predictions(f, params, loader, bf16):
     out = []
     with torch.no_grad(), torch.autocast('cpu' if not torch.cuda.is_available() else 'cuda', torch.bfloat16,
                                          enabled=bf16):
-        for x, _, _ in loader:
+        for x, _, _, _ in loader:
             out.append(f(x.contiguous(memory_format=torch.channels_last), params, False)[0].argmax(1))
     return torch.cat(out)
 

@@ -44,7 +44,7 @@ def step_function(args, device):
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     state = SimpleNamespace(state=SimpleNamespace(iteration=1))
-    return (lambda: train_step(state, (x, y, 1.0))), speed
+    return (lambda: train_step(state, (x, y, 1.0, torch.arange(len(y), device=y.device)))), speed
 
 
 def main():

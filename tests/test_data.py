@@ -52,13 +52,13 @@ def test_loader_covers_each_image_once_per_epoch_and_depends_only_on_the_epoch()
 
     def epoch(e):
         loader.set_epoch(e)
-        return torch.cat([y for _, y, _ in loader]).tolist()
+        return torch.cat([y for _, y, _, _ in loader]).tolist()
 
     e1, e2 = epoch(1), epoch(2)
     assert sorted(e1) == list(range(10)) and sorted(e2) == list(range(10))
     assert e1 != e2 and epoch(1) == e1
-    x, y, share = next(iter(loader))
-    assert share == 1.0
+    x, y, share, index = next(iter(loader))
+    assert share == 1.0 and torch.equal(index, y)  # each image's label is its position here
     expected = (y.view(-1, 1).float() - torch.tensor(MEAN)) / torch.tensor(STD)
     torch.testing.assert_close(x[:, :, 5, 5], expected)
 
@@ -67,7 +67,8 @@ def test_test_loader_keeps_order_without_augmentation():
     torch.manual_seed(1)
     images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
     loader = Loader(images, torch.arange(7), batch_size=3, train=False)
-    xs = torch.cat([x for x, _, _ in loader])
+    xs = torch.cat([x for x, _, _, _ in loader])
+    assert torch.cat([index for _, _, _, index in loader]).tolist() == list(range(7))
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(xs, (images.float() - mean) / std)
 
@@ -114,7 +115,7 @@ def test_batches_come_in_the_layout_the_step_computes_in(channels_last):
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     for train, pad in ((True, 4), (True, 0), (False, 0)):
         loader = Loader(images, torch.arange(10), batch_size=4, train=train, pad=pad, channels_last=channels_last)
-        x, _, _ = next(iter(loader))
+        x, _, _, _ = next(iter(loader))
         layout = torch.channels_last if channels_last else torch.contiguous_format
         assert x.is_contiguous(memory_format=layout), (train, pad)
 

@@ -178,19 +178,22 @@ def test_loader_batches_depend_only_on_seed_and_epoch(tmp_path):
     loader = ImageFolderLoader(str(root / 'train'), 4, train=True, seed=5, nthread=0, channels_last=True)
     loader.set_epoch(1)
     first = list(loader)
-    assert len(loader) == len(first) == 3 and [len(y) for _, y, _ in first] == [4, 4, 1]
-    assert [share for _, _, share in first] == [1.0] * 3
-    x, y, _ = first[0]
+    assert len(loader) == len(first) == 3 and [len(y) for _, y, _, _ in first] == [4, 4, 1]
+    assert [share for _, _, share, _ in first] == [1.0] * 3
+    x, y, _, _ = first[0]
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last)
-    labels = sorted(torch.cat([y for _, y, _ in first]).tolist())
+    labels = sorted(torch.cat([y for _, y, _, _ in first]).tolist())
     assert abs(x.mean().item()) < 3 and labels == [0] * 3 + [1] * 3 + [2] * 3
     workers = ImageFolderLoader(str(root / 'train'), 4, train=True, seed=5, nthread=2)
     workers.set_epoch(1, skip=1)
     rest = list(workers)
     assert len(rest) == 2 and rest[0][0].is_contiguous()
-    for (a, b, _), (c, d, _) in zip(first[1:], rest):
-        assert torch.equal(a, c) and torch.equal(b, d)
+    for (a, b, _, i), (c, d, _, j) in zip(first[1:], rest):
+        assert torch.equal(a, c) and torch.equal(b, d) and torch.equal(i, j)
+    index = torch.cat([i for _, _, _, i in first])
+    assert sorted(index.tolist()) == list(range(9))  # the positions of the folder's images
+    assert torch.equal(loader.labels[index], torch.cat([y for _, y, _, _ in first]))
     loader.set_epoch(2)
     assert not torch.equal(next(iter(loader))[0], first[0][0])
 
