@@ -4,8 +4,10 @@ A checkpoint is {'params': {name: tensor}, 'optimizer': optimizer.state_dict(), 
 the reference code's layout, so files written by either load in the other; ours add what makes
 a continuation identical ('iteration', 'rng', 'lr', 'options') and 'log', the log.txt line of
 its last completed epoch, which a resume writes back if the log lost it; the reference code
-ignores them. It holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)`
-reads it, and that is the only way files are loaded here (a pickle from elsewhere cannot run code).
+ignores them. A run with an init stage (AB, FT, FSP) also has 'init_epochs', its length, and
+'init_epochs_done'; its 'epoch' counts main-stage epochs and 'iteration' the steps of both. It
+holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)` reads it,
+and that is the only way files are loaded here (a pickle from elsewhere cannot run code).
 """
 import io
 import json
@@ -259,8 +261,10 @@ def repair_log(run_dir, record):
                 os.fsync(f.fileno())
             done.append('dropped its cut-short last line')
     if record is not None:
-        logged = {r.get('epoch') for r in log_records(path)} if os.path.isfile(path) else set()
-        if record.get('epoch') not in logged:
+        # Runs with an init stage number the epochs of each stage from 1 ('stage' says which).
+        logged = {(r.get('stage'), r.get('epoch')) for r in log_records(path)} if os.path.isfile(path) else set()
+        if (record.get('stage'), record.get('epoch')) not in logged:
             append_log(run_dir, record)
-            done.append(f'restored the line of epoch {record.get("epoch")} from the checkpoint')
+            what = 'init epoch' if record.get('stage') == 'init' else 'epoch'
+            done.append(f'restored the line of {what} {record.get("epoch")} from the checkpoint')
     return f'{path}: {" and ".join(done)}' if done else None

@@ -71,7 +71,8 @@ def network(arch, depth, width, num_classes):
 
 def load_teacher(opt, num_classes):
     """(f_t, params_t) of --teacher_id or --teacher_params, or None: f_t(x, params, prefix)
-    runs the teacher in inference mode (f_t(..., pooled=True) adds its pooled feature)."""
+    runs the teacher in inference mode (f_t(..., pooled=True) adds its pooled feature,
+    preact=True also its pre-ReLU groups; f_t.bn_before_relu is the network's)."""
     if opt.teacher_params:
         f, params = zoo.network(opt.teacher_arch, num_classes)[0], \
             zoo.load_repdistiller(opt.teacher_params, opt.teacher_arch, num_classes)
@@ -79,7 +80,15 @@ def load_teacher(opt, num_classes):
         f, params = load_teacher_run(opt.teacher_id, num_classes)
     else:
         return None
-    return (lambda x, params, prefix, **pooled: f(x, params, False, prefix, **pooled)), params
+    return teacher_function(f), params
+
+
+def teacher_function(f):
+    """The network f(x, params, mode, base, **asked) as a teacher: always in inference mode."""
+    def f_t(x, params, prefix, **asked):
+        return f(x, params, False, prefix, **asked)
+    f_t.bn_before_relu = f.bn_before_relu  # OFD's margins are read off the teacher's BNs
+    return f_t
 
 
 def load_teacher_run(teacher_id, num_classes):
@@ -130,7 +139,8 @@ def main(argv=None):
                          **layout)
 
     members = build_members(runs, lambda: network(opt.arch, opt.depth, opt.width, num_classes), teacher,
-                            image_size=32, device=device, channels_last=layout['channels_last'])
+                            image_size=32, device=device, channels_last=layout['channels_last'],
+                            train_labels=train_loader.labels)
     if distributed.is_main():
         print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 

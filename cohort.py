@@ -22,7 +22,7 @@ import distributed
 from checkpoint import CHECKPOINT, LOG, load_checkpoint
 from devices import choose_device
 from errors import UserError
-from options import check_run_options
+from options import check_run_options, resolve_init_stage
 from run_lock import lock_run_dir
 from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
 
@@ -30,7 +30,7 @@ from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
 # else (architecture, teacher, data, schedule, precision) is shared.
 MEMBER_OPTIONS = ('seed', 'alpha', 'beta', 'temperature', 'beta_decay', 'at_p', 'at_form', 'grad_beta',
                   'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS,
-                  *BENCHMARK_SETTINGS)
+                  *BENCHMARK_SETTINGS, 'init_epochs', 'init_lr')
 
 
 def read_members(text):
@@ -68,9 +68,9 @@ def check_name(name, names):
 
 def member_runs(opt, rules, teacher_flag):
     """The option namespace of each run this command trains, each checked with the script's
-    rules. Seeds may still be None here (drawn later)."""
+    rules, its init stage settled. Seeds may still be None here (drawn later)."""
     if not opt.cohort:
-        return [opt]
+        return [resolve_init_stage(opt)]
     if opt.compile_mode == 'reduce-overhead':
         raise UserError('--compile_mode reduce-overhead records CUDA graphs for one run; use '
                         '--compile_mode default with --cohort')
@@ -97,7 +97,7 @@ def member_runs(opt, rules, teacher_flag):
             check_run_options(run, rules, teacher_flag)
         except UserError as e:
             raise UserError(f'--cohort member {name!r}: {e}') from None
-        runs.append(run)
+        runs.append(resolve_init_stage(run))
     return runs
 
 
@@ -114,7 +114,12 @@ def check_run_dir(run):
         raise UserError(f'{run.save} already holds a run ({", ".join(existing)}); {how} or choose '
                         f'another --save')
     if run.resume:
-        return load_checkpoint(run.resume)  # fail now, before anything is created, if unreadable
+        state = load_checkpoint(run.resume)  # fail now, before anything is created, if unreadable
+        trained = state.get('init_epochs', 0)  # absent: a run without init stage (or the reference code's)
+        if trained != run.init_epochs:
+            raise UserError(f'{run.resume} was trained with an init stage of {trained} epochs, and this run has '
+                            f'{run.init_epochs}; resume with --init_epochs {trained}, or start a new run')
+        return state
 
 
 def resolve_seeds(opt, runs, states):

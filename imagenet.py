@@ -71,7 +71,8 @@ def main(argv=None):
 
     teacher = load_teacher(opt.teacher_params, num_classes) if opt.teacher_params else None
     members = build_members(runs, lambda: define_student(opt.depth, opt.width, num_classes), teacher,
-                            image_size=224, device=device, channels_last=layout['channels_last'])
+                            image_size=224, device=device, channels_last=layout['channels_last'],
+                            train_labels=train_loader.labels)
     if distributed.is_main():
         print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 

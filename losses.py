@@ -293,6 +293,29 @@ def dkd_loss(y_s, y_t, labels, alpha=1.0, beta=8.0, T=4.0, standardize=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# Contrastive representation distillation (Tian et al., ICLR 2020)
+
+def nce_loss(scores, n_data, eps=1e-7):
+    """-(1/B) sum_b [log h(pos_b) + sum_k log(1 - h(neg_bk))] with h = P / (P + K/N) (eq. 19 with
+    RepDistiller's normalised score P = exp(.../T) / Z in place of exp(.../T)): NCE of the
+    positive in column 0 against the K negatives after it, the noise drawing any of the N
+    training images with probability 1/N. eps keeps the logarithms finite, as RepDistiller's."""
+    k = scores.shape[1] - 1
+    noise = k / n_data
+    pos, neg = scores[:, 0], scores[:, 1:]
+    return -(torch.log(pos / (pos + noise + eps)).sum() + torch.log(noise / (neg + noise + eps)).sum()) / len(scores)
+
+
+def crd_loss(scores_s, scores_t, n_data, eps=1e-7):
+    """CRD's objective, the negative of the critic's bound (eq. 18)
+        L = -E_{q(T,S|C=1)}[log h(T,S)] - K E_{q(T,S|C=0)}[log(1 - h(T,S))],
+    taken both ways as RepDistiller's CRDLoss: with the student's embedding as anchor against
+    the teacher memory (scores_s), and the teacher's against the student memory (scores_t), each
+    (B, 1+K) scores P from auxiliary.crd_scores, the sample itself in column 0."""
+    return nce_loss(scores_s, n_data, eps) + nce_loss(scores_t, n_data, eps)
+
+
+# ----------------------------------------------------------------------------------------------
 # Losses on pre-activation features and on a student's reconstructions of the teacher's groups
 
 def ab_loss(groups_s, groups_t, margin=1.0):
@@ -308,6 +331,17 @@ def ab_loss(groups_s, groups_t, margin=1.0):
         cost = (s + margin).pow(2) * ((s > -margin) & (t <= 0)) + (s - margin).pow(2) * ((s <= margin) & (t > 0))
         total = total + 2. ** (i - n + 1) * cost.sum() / len(s)
     return total * 3 / 1000
+
+
+def ft_loss(factor_s, factor_t):
+    """Factor transfer (Kim et al., NeurIPS 2018, eq. 3 with p = 1) as RepDistiller's
+    FactorTransfer computes it: the mean absolute difference of the two factors (the student's
+    translator output, the teacher's paraphraser output), each summarised by RepDistiller's
+    factor(): the per-position mean of its squared channels, flattened and L2-normalised (the
+    attention map `at` of the factor, where the paper normalises the whole factor). The larger
+    factor is pooled to the other's size first."""
+    factor_s, factor_t = same_resolution(factor_s, factor_t)
+    return (at(factor_s) - at(factor_t)).abs().mean()
 
 
 def ofd_margin(bn_weight, bn_bias):

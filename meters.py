@@ -48,10 +48,12 @@ class Meters:
     """One run's meters over an epoch: loss, accuracy (top-1, and top-k for ImageNet) and one
     MeanStd per loss term, fed from the step's output for that run."""
 
-    def __init__(self, term_names, topk, device):
-        self.metrics = {'loss': MeanStd(lambda o: (o['loss'], o['share']), device),
-                        'top1': Accuracy(lambda o: (o['y_pred'], o['y']), device=device)}
-        if topk > 1:
+    def __init__(self, term_names, topk, device, accuracy=True):
+        # accuracy False: steps that give no logits (FT's init stage trains only its paraphraser)
+        self.metrics = {'loss': MeanStd(lambda o: (o['loss'], o['share']), device)}
+        if accuracy:
+            self.metrics['top1'] = Accuracy(lambda o: (o['y_pred'], o['y']), device=device)
+        if accuracy and topk > 1:
             self.metrics[f'top{topk}'] = TopKCategoricalAccuracy(topk, lambda o: (o['y_pred'], o['y']),
                                                                  device=device)
         for name in term_names:

@@ -15,13 +15,22 @@ import os
 import re
 from collections import namedtuple
 
+import distributed
 import tensorboard_log
 from checkpoint import CHECKPOINT, LOG, read_log
 from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
 from devices import cpu_has_bf16
 from errors import UserError
 from resnet import IMAGENET_BLOCKS, wrn_block_count
-from transfer import NEEDS_TEACHER, WEIGHT_FLAGS, add_transfer_loss_arguments, double_backward
+from transfer import (
+    DEFAULT_INIT_EPOCHS,
+    INIT_METHODS,
+    NEEDS_TEACHER,
+    PREACT_METHODS,
+    WEIGHT_FLAGS,
+    add_transfer_loss_arguments,
+    double_backward,
+)
 from utils import DTYPES
 from zoo import ARCHS
 
@@ -30,6 +39,7 @@ Kind = namedtuple('Kind', 'types name')
 NUMBER = Kind((int, float), 'a number')
 INTEGER = Kind((int,), 'a whole number')
 OPTIONAL_INTEGER = Kind((int, type(None)), 'a whole number')
+OPTIONAL_NUMBER = Kind((int, float, type(None)), 'a number')
 TEXT = Kind((str,), 'text')
 SWITCH = Kind((bool,), 'true or false')
 
@@ -148,6 +158,22 @@ RULES = {
     'dkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
                        'use the epochs over which DKD warms up, e.g. 20, or 0 for none'),
     'logit_stand': SWITCH_RULE,
+    'ft_rate': Rule(NUMBER, lambda v: 0 < v <= 1, 'is outside (0, 1]',
+                    "use FT's factor channels per teacher channel, e.g. 0.5 (RepDistiller's k)"),
+    'init_epochs': Rule(OPTIONAL_INTEGER, lambda v: v is None or v >= 0, 'is negative',
+                        f'use the epochs of the init stage, e.g. {DEFAULT_INIT_EPOCHS}, 0 for none, or leave '
+                        f'--init_epochs out'),
+    'init_lr': Rule(OPTIONAL_NUMBER, lambda v: v is None or v > 0, 'is not positive',
+                    "use a learning rate > 0, e.g. 0.01 (RepDistiller's for FT), or leave --init_lr out for --lr"),
+    'crd_feat_dim': Rule(INTEGER, lambda v: v >= 1, 'is below 1', "use CRD's embedding size, e.g. 128"),
+    'crd_nce_k': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use at least one negative per image, e.g. 16384'),
+    'crd_nce_t': Rule(NUMBER, lambda v: v > 0, 'is not positive', "use CRD's temperature > 0, e.g. 0.07"),
+    'crd_nce_m': Rule(NUMBER, lambda v: 0 <= v < 1, 'is outside [0, 1)',
+                      "use the memory's momentum, e.g. 0.5 (1 would never update it)"),
+    'reviewkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
+                            'use the epochs over which ReviewKD warms up, e.g. 20, or 0 for none'),
+    'reviewkd_mid_channels': Rule(INTEGER, lambda v: v >= 1, 'is below 1',
+                                  "use the width of ReviewKD's fusion, e.g. 512 (mdistiller's cap)"),
     'seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
                  f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --seed out to draw one'),
     'data_seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
@@ -200,6 +226,10 @@ IMAGENET_RULES = {
                   'use a positive width such as 1'),
     'teacher_params': ANY_TEXT,
     **RULES,
+    # The ImageNet ResNets hand out no pre-ReLU groups (the teacher's batch norms are folded away).
+    **{flag: Rule(NUMBER, lambda v: v == 0, 'reads pre-ReLU group outputs, which the ImageNet ResNets do not hand out',
+                  'leave it at 0 with imagenet.py (cifar.py networks have them)')
+       for flag in PREACT_METHODS},
 }
 
 
@@ -244,7 +274,35 @@ def check_run_options(opt, rules, teacher_flag):
         check_option(flag, getattr(opt, flag), rules)
     flags = (teacher_flag,) if isinstance(teacher_flag, str) else teacher_flag
     check_transfer_options(opt, any(getattr(opt, f) for f in flags), ' or '.join('--' + f for f in flags))
+    check_init_stage(opt)
     check_precision(opt)
+
+
+def check_init_stage(opt):
+    """The init stage's options need a method that has one (AB, FT, FSP), and AB, which trains
+    only there, needs the stage."""
+    methods = ', '.join('--' + k for k in INIT_METHODS)
+    if not any(getattr(opt, k) for k in INIT_METHODS):
+        for flag in ('init_epochs', 'init_lr'):
+            if getattr(opt, flag):
+                raise UserError(f'--{flag} {getattr(opt, flag):g} sets the init stage of {methods}, and none of '
+                                f'them is on; add one of them or drop --{flag}')
+    if opt.ab_beta and opt.init_epochs == 0:
+        raise UserError(f'--ab_beta trains only in the init stage, and --init_epochs 0 gives it none; drop '
+                        f'--init_epochs 0 (default {DEFAULT_INIT_EPOCHS}) or --ab_beta')
+    if opt.init_lr is not None and opt.init_epochs == 0:
+        raise UserError(f'--init_lr {opt.init_lr:g} is the learning rate of the init stage, and --init_epochs 0 '
+                        f'gives the run none; drop --init_lr or --init_epochs 0')
+
+
+def resolve_init_stage(opt):
+    """Settles a run's --init_epochs (RepDistiller's 30 with AB, FT or FSP, else 0) and, with an
+    init stage, its --init_lr (default --lr), so that its log lines say what it trained with."""
+    if opt.init_epochs is None:
+        opt.init_epochs = DEFAULT_INIT_EPOCHS if any(getattr(opt, k) for k in INIT_METHODS) else 0
+    if opt.init_epochs and opt.init_lr is None:
+        opt.init_lr = opt.lr
+    return opt
 
 
 def check_precision(opt):
@@ -294,6 +352,14 @@ def check_transfer_options(opt, has_teacher, teacher_flag):
         if opt.ngpu > 1:
             raise UserError('--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu; '
                             'use torchrun with one process per GPU and --ngpu 1')
+    if opt.kd_beta and opt.alpha:
+        raise UserError(f'--kd_beta {opt.kd_beta:g} adds KD as a term of its own, and --alpha {opt.alpha:g} puts KD '
+                        f'in the distillation term too, which counts it twice; use --alpha 0 with --kd_beta '
+                        f'(CRD+KD: --kd_beta 1 --crd_beta 0.8)')
+    if opt.crd_beta and distributed.launched_by_torchrun():
+        raise UserError('--crd_beta keeps a memory of every training image, which each process of a torchrun job '
+                        'would update with its own slice of the batch only; train CRD in one process (--ngpu N '
+                        'splits its batches over N GPUs)')
 
 
 # ----------------------------------------------------------------------------------------------

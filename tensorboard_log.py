@@ -33,7 +33,7 @@ def epoch_scalars(stats, lr):
     """{tag: value} of one epoch's log line: 'train_loss' is train/loss (a field's first
     underscore becomes a slash, so TensorBoard groups train/ and test/), each term's mean is
     terms/<field> (per-group terms terms/<field>/<group>), the schedule is schedule/lr and
-    schedule/<kind>_weight."""
+    schedule/<kind>_weight; those of an init stage's epochs (AB, FT, FSP) start with init/."""
     scalars = {}
     for field, value in stats.items():
         if field.startswith(('train_', 'test_')) and is_number(value):
@@ -44,6 +44,8 @@ def epoch_scalars(stats, lr):
             scalars.update({f'terms/{field}/{g}': v[0] for g, v in enumerate(value) if is_number(v[0])})
     scalars['schedule/lr'] = lr
     scalars.update({f'schedule/{kind}_weight': w for kind, w in stats.get('loss_weights', {}).items()})
+    if stats.get('stage') == 'init':  # an init stage's epochs get curves of their own: init/train/loss, ...
+        return {f'init/{tag}': v for tag, v in scalars.items()}
     return scalars
 
 
@@ -88,7 +90,7 @@ class Curves:
             # One host sync for every run of the step, and only every --tensorboard_every steps.
             losses = torch.stack([o['loss'].float() for o in outputs.values()]).tolist()
             for m, loss in zip(outputs, losses):
-                self.runs[m].add({'train/step_loss': loss}, engine.state.iteration)
+                self.runs[m].add({'train/step_loss': loss}, m.own(engine.state.iteration))  # its own timeline
 
     def __enter__(self):
         return self

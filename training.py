@@ -9,6 +9,11 @@ One epoch: set the learning rate and loss weights for the epoch, run the trainin
 checkpoint and append the epoch's line to its log.txt. The log line comes after the
 checkpoint, so a log line always has its checkpoint. Under torchrun each process trains on its
 slice of every batch (distributed.py) and only rank 0 prints and writes.
+
+A run whose method has an init stage (AB, FT, FSP: --init_epochs) trains its init epochs first,
+epochs of this same loop with their own terms, a constant --init_lr and their own log lines
+("stage": "init"); a cohort runs its longest init stage, and members with shorter ones (or none)
+start later, so that every member's main stage falls on the same epochs and batches.
 """
 import os
 import re
@@ -16,6 +21,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
@@ -46,10 +52,11 @@ from utils import cast
 # ----------------------------------------------------------------------------------------------
 # What is optimised
 
-def join_networks(opt, f_s, params_s, teacher=None, image_size=32):
+def join_networks(opt, f_s, params_s, teacher=None, image_size=32, train_labels=None):
     """(transfer, params) to train: the objective of transfer.py over the student alone, or over
     student and teacher (f_t, params_t) in one dict under 'student.' and 'teacher.' prefixes,
-    plus whatever 'aux.' parameters the chosen methods train."""
+    plus whatever 'aux.' parameters the chosen methods train (CRD's need `train_labels`, the
+    training set's labels in dataset order)."""
     if teacher is None:
         transfer, params = Transfer(opt, f_s), params_s
     else:
@@ -57,7 +64,7 @@ def join_networks(opt, f_s, params_s, teacher=None, image_size=32):
         transfer = Transfer(opt, f_s, f_t)
         params = {**{'student.' + k: v for k, v in params_s.items()},
                   **{'teacher.' + k: v for k, v in params_t.items()}}
-    return transfer, transfer.add_aux_params(params, image_size)
+    return transfer, transfer.add_aux_params(params, image_size, train_labels)
 
 
 def learning_rate(opt, epoch, epoch_step):
@@ -78,15 +85,29 @@ class Member:
         self.trainable = [v for v in params.values() if v.requires_grad]
         self.stopped = None  # why the run stopped early, once it has
         self.evaluating = False
+        # Its own timeline is its init stage (--init_epochs, AB, FT and FSP) and then its main
+        # stage. A cohort runs the longest init stage of its members: a run with a shorter one
+        # sits out the first idle_epochs, so every main stage falls on the same epochs.
+        self.init_epochs = getattr(opt, 'init_epochs', None) or 0
+        self.idle_epochs = 0
+        self.stage, self.stage_epoch = 'main', 0
 
     def start(self, fused, epoch_length, topk, device):
         """Optimizer, meters and, when resuming, the checkpoint's state. Returns the iteration
         after which this run trains (0 for a new run)."""
+        self.epoch_length = epoch_length
+        # One optimizer for both stages: SGD leaves alone what the stage gives no gradient.
         self.optimizer = torch.optim.SGD(self.trainable, self.opt.lr, momentum=0.9,
                                          weight_decay=self.opt.weight_decay, fused=fused or None)
-        self.train_meters = Meters(self.transfer.term_names(), topk, device)
+        # Each stage has its own terms, so its own meters and divergence watch.
+        self.meters = {'main': Meters(self.transfer.term_names(), topk, device)}
+        self.watches = {'main': NonFiniteWatch(device)}
+        if self.init_epochs:
+            self.meters['init'] = Meters(self.transfer.term_names(stage='init'), topk, device,
+                                         accuracy=self.transfer.student_runs('init'))
+            self.watches['init'] = NonFiniteWatch(device)
+        self.train_meters, self.watch = self.meters['main'], self.watches['main']
         self.eval_meters = Meters([], topk, device)
-        self.watch = NonFiniteWatch(device)
         self.weights = {}  # of each kind of loss term, set at the start of each epoch
         self.start_iteration = 0
         self.record = None  # the log line of the last completed epoch, kept in each checkpoint
@@ -94,11 +115,13 @@ class Member:
         if self.opt.resume:
             state = load_checkpoint(self.opt.resume)
             restore(state, self.params, self.optimizer, fused, self.opt.resume)
-            # A run stopped mid-epoch resumes at the step after the last one it took.
-            self.start_iteration = max(state.get('iteration') or 0, state['epoch'] * epoch_length)
+            # A run stopped mid-epoch resumes at the step after the last one it took; 'epoch'
+            # counts main-stage epochs, as the reference code's checkpoints do.
+            epochs_done = state.get('init_epochs_done', 0) + state['epoch']
+            self.start_iteration = max(state.get('iteration') or 0, epochs_done * epoch_length)
             self.record = state.get('log')
             if os.path.normpath(self.opt.resume) == os.path.normpath(self.checkpoint):
-                self.saved = checkpoint_position(state['epoch'], state.get('iteration'), epoch_length)
+                self.saved = checkpoint_position(self.start_iteration, epoch_length, self.init_epochs)
                 if distributed.is_main():
                     repaired = repair_log(self.opt.save, self.record)
                     if repaired:
@@ -106,9 +129,23 @@ class Member:
         return self.start_iteration
 
     def trains_at(self, iteration):
-        """Whether this run takes step `iteration`: not before the step it resumes after (runs of
-        a cohort may have been stopped at different steps), not after it stopped."""
-        return self.stopped is None and self.start_iteration < iteration
+        """Whether this run takes the cohort's step `iteration`: not while it sits out the start
+        of the timeline, not before the step it resumes after (runs of a cohort may have been
+        stopped at different steps), not after it stopped."""
+        return self.stopped is None and self.start_iteration < self.own(iteration)
+
+    def own(self, iteration):
+        """The step of this run's own timeline (its checkpoint's 'iteration') at the cohort's step."""
+        return iteration - self.idle_epochs * self.epoch_length
+
+    def enter_epoch(self, epoch):
+        """Sets stage and stage_epoch for the cohort's 1-based `epoch`; False while idle."""
+        own = epoch - self.idle_epochs
+        if own < 1:
+            return False
+        self.stage, self.stage_epoch = ('init', own) if own <= self.init_epochs else ('main', own - self.init_epochs)
+        self.train_meters, self.watch = self.meters[self.stage], self.watches[self.stage]
+        return True
 
     def weighted_sum(self, terms):
         # Terms of weight 0 (AT while only distilling, say) are logged but not differentiated.
@@ -119,15 +156,22 @@ class Member:
         return os.path.join(self.opt.save, CHECKPOINT)
 
 
-def checkpoint_position(epochs_done, iteration, epoch_length):
-    step = (iteration or 0) - epochs_done * epoch_length
-    return f'epoch {epochs_done + 1}, step {step}' if step > 0 else f'after epoch {epochs_done}'
+def checkpoint_position(iteration, epoch_length, init_epochs=0):
+    """Where a run stands after step `iteration` of its timeline, in the log's words."""
+    epochs_done, step = divmod(iteration, epoch_length)
+
+    def name(epoch):
+        return f'init epoch {epoch}' if epoch <= init_epochs else f'epoch {epoch - init_epochs}'
+    if step:
+        return f'{name(epochs_done + 1)}, step {step}'
+    return f'after {name(epochs_done)}' if epochs_done else 'after epoch 0'
 
 
-def build_members(runs, make_student, teacher, *, image_size, device, channels_last):
+def build_members(runs, make_student, teacher, *, image_size, device, channels_last, train_labels=None):
     """A Member for each run's options: its student initialised from its own seed exactly as a
     single run with that seed is (auxiliary parameters included), all of them sharing one copy
-    of the teacher on the device."""
+    of the teacher on the device. `train_labels` (the training set's, in dataset order) reach the
+    methods that keep something per training image (CRD)."""
     dtype = runs[0].dtype
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -141,7 +185,8 @@ def build_members(runs, make_student, teacher, *, image_size, device, channels_l
         seed_generators(run.seed)
         f_s, params_s = make_student()
         n_parameters = sum(p.numel() for p in params_s.values())
-        transfer, params = join_networks(run, f_s, params_s, teacher, image_size)
+        labels = None if train_labels is None else train_labels.to(device)
+        transfer, params = join_networks(run, f_s, params_s, teacher, image_size, labels)
         members.append(Member(run, transfer, {k: shared[k] if k in shared else place(v)
                                               for k, v in params.items()}, n_parameters))
     return members
@@ -189,6 +234,7 @@ def make_steps(members, speed):
     first = members[0].transfer
     teacher_gradient = any(m.opt.grad_beta for m in members)
     teacher_pooled = any(m.transfer.pooled for m in members)  # one teacher forward serves them all
+    teacher_preact = any(m.transfer.preact for m in members)
 
     def autocast(mode):
         # Evaluation stays in fp32: the reported test accuracy should not depend on the hardware.
@@ -196,7 +242,7 @@ def make_steps(members, speed):
 
     def teacher_forward(params, x, y, mode):
         with autocast(mode):
-            return first.teacher_outputs(x, y, params, mode and teacher_gradient, teacher_pooled)
+            return first.teacher_outputs(x, y, params, mode and teacher_gradient, teacher_pooled, teacher_preact)
 
     def compiled(f, can):
         return torch.compile(f, dynamic=False, mode=speed.compile_mode) if speed.compile and can else f
@@ -205,14 +251,18 @@ def make_steps(members, speed):
     # Runs with the same loss options share one compiled function (params are its argument).
     forwards = {}
     for m in members:
-        key = forward_options(m.opt)
+        # CRD's forward reads its run's seed, step and labels from its own transfer.
+        key = (forward_options(m.opt), id(m) if m.opt.crd_beta else None)
         if key not in forwards:
-            forwards[key] = compiled(student_forward(m.transfer, autocast), not double_backward(m.opt))
+            # CRD updates its memory in place inside the forward, which a compiled graph would not replay.
+            forwards[key] = compiled(student_forward(m.transfer, autocast), not double_backward(m.opt)
+                                     and not m.opt.crd_beta)
         m.forward = forwards[key]
     if speed.compile:
         # Each distinct set of loss options compiles its own train and eval graphs (and those
-        # of a partial last batch).
-        torch._dynamo.config.cache_size_limit = max(8, 4 * len(forwards) + 2)
+        # of a partial last batch), and an init stage its own training graphs.
+        stages = 2 if any(m.init_epochs for m in members) else 1
+        torch._dynamo.config.cache_size_limit = max(8, (2 + 2 * stages) * len(forwards) + 2)
     if speed.compile and speed.compile_mode == 'reduce-overhead':
         # A CUDA graph replays fixed addresses: the optimizer and batch norm update these
         # tensors in place, so they can be recorded as they are instead of copied in each step.
@@ -223,19 +273,25 @@ def make_steps(members, speed):
         return x.contiguous(memory_format=torch.channels_last) if speed.channels_last else x
 
     def train_step(engine, batch):
-        x, y, share = batch  # share: this process's fraction of the global batch (1 without torchrun)
+        # share: this process's fraction of the global batch (1 without torchrun); index: the
+        # images' positions in the training set
+        x, y, share, index = batch
         x = layout(x)
         active = [m for m in members if m.trains_at(engine.state.iteration)]
+        for m in members:
+            m.transfer.step = m.own(engine.state.iteration)  # CRD draws its negatives from (seed, step)
         teacher = teacher_forward(active[0].params, x, y, True) if teacher_forward else None
         outputs = {}
         for m in active:
-            y_s, terms = m.forward(m.params, x, y, True, teacher)
+            y_s, terms = m.forward(m.params, x, y, True, teacher, index=index, stage=m.stage)
             loss = m.weighted_sum(terms)
             m.optimizer.zero_grad(set_to_none=True)
             (loss * share if share != 1 else loss).backward()
-            m.watch.update(engine.state.iteration, terms)
-            # No .item() here: meters keep device tensors and are read once per epoch.
-            outputs[m] = {'loss': loss.detach(), 'y_pred': y_s.detach(), 'y': y, 'share': share,
+            m.watch.update(m.own(engine.state.iteration), terms)
+            # No .item() here: meters keep device tensors and are read once per epoch. FT's init
+            # stage does not run the student (y_s None).
+            outputs[m] = {'loss': loss.detach(), 'y_pred': None if y_s is None else y_s.detach(), 'y': y,
+                          'share': share,
                           'terms': {n: v.detach() for n, v in terms.items()}}
         distributed.reduce_gradients_([p for m in active for p in m.trainable])  # one all-reduce
         for m in active:
@@ -244,14 +300,16 @@ def make_steps(members, speed):
 
     @torch.no_grad()
     def eval_step(engine, batch):
-        x, y, share = batch
+        x, y, share, index = batch
         x = layout(x)
         runs = [m for m in members if m.evaluating]
         teacher = teacher_forward(runs[0].params, x, y, False) if teacher_forward else None
         outputs = {}
         for m in runs:
-            y_s, terms = m.forward(m.params, x, y, False, teacher)
-            outputs[m] = {'loss': m.weighted_sum(terms), 'y_pred': y_s, 'y': y, 'share': share}
+            y_s, terms = m.forward(m.params, x, y, False, teacher, index=index)
+            # After an init epoch: the student's plain test cross-entropy.
+            loss = m.weighted_sum(terms) if m.stage == 'main' else F.cross_entropy(y_s, y)
+            outputs[m] = {'loss': loss, 'y_pred': y_s, 'y': y, 'share': share}
         return outputs
 
     return train_step, eval_step
@@ -263,13 +321,15 @@ def forward_options(opt):
     return (opt.alpha, opt.temperature, opt.at_p, opt.at_form,
             *(bool(getattr(opt, k)) for k in ('grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta',
                                               'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS)),
-            *(getattr(opt, k) for k in BENCHMARK_SETTINGS if k != 'dkd_warmup'))  # the warm-up is a weight
+            *(getattr(opt, k) for k in BENCHMARK_SETTINGS
+              if k not in ('dkd_warmup', 'reviewkd_warmup')),  # the warm-ups are weights
+            getattr(opt, 'init_epochs', None) or 0)  # FSP is a main-stage term without one; CRD's steps
 
 
 def student_forward(transfer, autocast):
-    def forward(params, x, y, mode, teacher):
+    def forward(params, x, y, mode, teacher, index=None, stage='main'):
         with autocast(mode):
-            return transfer(x, y, params, mode, teacher)
+            return transfer(x, y, params, mode, teacher, index=index, stage=stage)
     return forward
 
 
@@ -283,13 +343,20 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
     epoch_step = epoch_steps(opt.epoch_step)
     n = len(train_loader)
     fused = uses_channels_last(opt)
-    start = min(m.start(fused, n, topk, device) for m in members)
+    # The timeline: the longest init stage of the members, then the main stage's epochs.
+    init_epochs = max(m.init_epochs for m in members)
+    total = init_epochs + opt.epochs
     for m in members:
-        if m.start_iteration >= opt.epochs * n:
-            print(f'{m.opt.resume} has already trained {m.start_iteration // n} of {opt.epochs} epochs; nothing to do')
-    if start >= opt.epochs * n:
+        m.idle_epochs = init_epochs - m.init_epochs
+    start = min(m.start(fused, n, topk, device) + m.idle_epochs * n for m in members)
+    for m in members:
+        if m.start_iteration >= (m.init_epochs + opt.epochs) * n:
+            after = f' after its {m.init_epochs} init epochs' if m.init_epochs else ''
+            print(f'{m.opt.resume} has already trained {m.start_iteration // n - m.init_epochs} of {opt.epochs} '
+                  f'epochs{after}; nothing to do')
+    if start >= total * n:
         return
-    speed = speed_settings(opt, device, opt.epochs - start // n)
+    speed = speed_settings(opt, device, total - start // n)
     main = distributed.is_main()
     if main:
         for m in members:
@@ -326,24 +393,40 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
         engine.state.epoch_start = synchronized_time()
         epoch, iteration = engine.state.epoch, engine.state.iteration
         for m in members:
+            if not m.enter_epoch(epoch):
+                continue
+            fresh = iteration % n == 0 and m.start_iteration <= m.own(iteration)  # not a resumed epoch
+            if m.stage == 'init':
+                lr = m.opt.init_lr  # constant, as RepDistiller's init stage
+                m.weights = m.transfer.weights(m.stage_epoch, epoch_step, stage='init')
+            else:
+                lr = learning_rate(opt, m.stage_epoch, epoch_step)
+                m.weights = m.transfer.weights(m.stage_epoch, epoch_step)
+                if fresh and (m.stage_epoch in epoch_step or m.stage_epoch == 1 and m.init_epochs):
+                    # The reference code builds a new optimizer at each step, and after the init stage,
+                    # so momentum restarts.
+                    m.optimizer.state.clear()
             for group in m.optimizer.param_groups:
-                group['lr'] = learning_rate(opt, epoch, epoch_step)
-            m.weights.update(m.transfer.weights(epoch, epoch_step))
-            if epoch in epoch_step and iteration % n == 0 and m.start_iteration <= iteration:
-                # The reference code builds a new optimizer at each step, so momentum restarts.
-                m.optimizer.state.clear()
+                group['lr'] = lr
             m.train_meters.reset()
-        train_loader.set_epoch(epoch, skip=iteration % n)
+        # Main-stage epoch k draws the batches of epoch k, init epoch j of I those of j - I (<= 0),
+        # so runs with and without init stage see the same main-stage batches.
+        train_loader.set_epoch(epoch - init_epochs, skip=iteration % n)
 
     def save(engine, m, epochs_done):
+        """`epochs_done` of the cohort's timeline; the checkpoint counts the run's own: 'epoch' its
+        main-stage epochs, with an init stage also 'init_epochs' and 'init_epochs_done'."""
         if main:
+            own, iteration = epochs_done - m.idle_epochs, m.own(engine.state.iteration)
+            stages = ({'init_epochs': m.init_epochs, 'init_epochs_done': min(own, m.init_epochs)}
+                      if m.init_epochs else {})
             try:
-                save_checkpoint(m.opt.save, m.params, m.optimizer, epochs_done, iteration=engine.state.iteration,
+                save_checkpoint(m.opt.save, m.params, m.optimizer, max(own - m.init_epochs, 0), iteration=iteration,
                                 rng=rng_state(), lr=m.optimizer.param_groups[0]['lr'], options=vars(m.opt),
-                                log=m.record)
+                                log=m.record, **stages)
             except WriteFailed as e:
                 raise RunStopped(write_failure(e, m, opt), exit_code=WRITE_FAILED) from None
-            m.saved = checkpoint_position(epochs_done, engine.state.iteration, n)
+            m.saved = checkpoint_position(iteration, n, m.init_epochs)
 
     def check_divergence(engine):
         """Stops each run whose loss is no longer finite at its last good checkpoint; the others
@@ -352,7 +435,7 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             if not m.trains_at(engine.state.iteration):
                 continue
             try:
-                last_good = m.checkpoint if engine.state.epoch > 1 or m.start_iteration else None
+                last_good = m.checkpoint if m.own(engine.state.iteration) > n or m.start_iteration else None
                 m.watch.check(n, last_good)
             except RunStopped as e:
                 if len(members) == 1:
@@ -393,7 +476,9 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
         evaluator.run(test_loader)
         test_time = synchronized_time() - test_start
         for m in runs:
-            stats = epoch_record(m, engine.state.epoch, topk, train_time, test_time)
+            stats = epoch_record(m, m.stage_epoch, topk, train_time, test_time)
+            if m.init_epochs:  # the lines of a run without init stage stay as they were
+                stats['stage'] = m.stage
             stats.update(num_classes=num_classes, n_parameters=m.n_parameters, loss_weights=dict(m.weights),
                          autocast='bf16' if speed.autocast else 'off')  # what --precision resolved to
             if n_images:
@@ -407,28 +492,30 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
                     append_log(m.opt.save, m.record)
                 except WriteFailed as e:
                     raise RunStopped(write_failure(e, m, opt), exit_code=WRITE_FAILED) from None
-                curves.epoch(m, stats, m.optimizer.param_groups[0]['lr'], engine.state.iteration)
-                print(f'==> id: {m.opt.save} ({engine.state.epoch}/{opt.epochs}), '
+                curves.epoch(m, stats, m.optimizer.param_groups[0]['lr'], m.own(engine.state.iteration))
+                progress = (f'init {m.stage_epoch}/{m.init_epochs}' if m.stage == 'init'
+                            else f'{m.stage_epoch}/{opt.epochs}')
+                print(f'==> id: {m.opt.save} ({progress}), '
                       f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
                       f'time: {train_time:.1f}s + {test_time:.1f}s', flush=True)
-        if engine.state.epoch < opt.epochs and signals.requested():
+        if engine.state.epoch < total and signals.requested():
             stop(engine)
 
-    train_loader.set_epoch(start // n + 1, skip=start % n)
+    train_loader.set_epoch(start // n + 1 - init_epochs, skip=start % n)
     with SignalStop(lambda: standing_checkpoints(opt, members)) as signals, curves:
         try:
             if start:
-                trainer.load_state_dict({'iteration': start, 'max_epochs': opt.epochs, 'epoch_length': n})
+                trainer.load_state_dict({'iteration': start, 'max_epochs': total, 'epoch_length': n})
                 trainer.run(train_loader)
             else:
-                trainer.run(train_loader, max_epochs=opt.epochs)
+                trainer.run(train_loader, max_epochs=total)
         except RuntimeError as e:
             if not distributed.lost_a_process(e):
                 raise
             raise LostProcess(lost_process(e, opt, members, trainer), exit_code=1) from None
     if getattr(trainer.state, 'stopped_by', None):
-        step = trainer.state.iteration % n
-        where = f'at epoch {trainer.state.epoch}, step {step}' if step else f'after epoch {trainer.state.epoch}'
+        where = checkpoint_position(trainer.state.iteration, n, init_epochs)
+        where = where if where.startswith('after') else f'at {where}'
         what = 'checkpoint written' if not opt.cohort else 'every member checkpointed'
         raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; {what}: '
                          f'resume with {resume_flags(opt, members)}',
@@ -458,17 +545,17 @@ def epoch_record(member, epoch, topk, train_time, test_time):
     per-group terms in a list under '<kind>_losses' ('at_losses' is the reference code's)."""
     m, t = member.train_meters.compute(), member.eval_meters.compute()
     stats = {
-        'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'],
+        'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'] if 'top1' in m else None,  # None: FT's init stage
         'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
         'epoch': epoch, 'train_time': train_time, 'test_time': test_time,
         'at_losses': [],
     }
-    for name in member.transfer.term_names():
+    for name in member.transfer.term_names(stage=member.stage):
         if name[-1].isdigit():
             stats.setdefault(kind(name) + '_losses', []).append(m['term:' + name])
         else:
             stats[name + '_loss'] = m['term:' + name]
     if topk > 1:
-        stats[f'train_top{topk}'] = 100 * m[f'top{topk}']
+        stats[f'train_top{topk}'] = 100 * m[f'top{topk}'] if f'top{topk}' in m else None
         stats[f'test_top{topk}'] = 100 * t[f'top{topk}']
     return stats

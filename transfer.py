@@ -16,6 +16,21 @@
     nst0, ..., kdsvd, fsp         NST on each group; KDSVD and FSP over consecutive groups
     vid0, vid1, ...               VID on each group through learned regressors (--vid_beta)
     dkd                           decoupled KD of the logits (--dkd_beta, warmed up over --dkd_warmup)
+    kd                            KD beside the distillation term (--kd_beta: CRD+KD's CE 1, KD 1)
+    crd                           contrastive representation distillation of the pooled features
+                                  through embeddings and a memory of every training image (--crd_beta)
+    ft                            factor transfer of the last groups through a translator and the
+                                  paraphraser trained in the init stage (--ft_beta)
+    reviewkd                      knowledge review: the student's groups and pooled feature fused by
+                                  learned ABF modules against the teacher's pre-ReLU ones (--reviewkd_beta,
+                                  warmed up over --reviewkd_warmup)
+    ofd                           overhaul of feature distillation: connected pre-ReLU groups against the
+                                  teacher's, with margins from its BNs (--ofd_beta)
+
+With an init stage (--init_epochs, `stage='init'`, RepDistiller's init training of AB, FT and
+FSP), its steps have terms of their own: ab (the student's connected pre-ReLU groups against
+the teacher's activation boundaries), fsp (FSP, which then leaves the main stage) and
+reconstruction (the paraphraser's MSE on the teacher's last group).
 
 and `weights(epoch)` says how much each kind counts in that epoch. Keeping the two apart lets
 the log report every term on its own scale and lets beta follow a schedule without touching
@@ -27,20 +42,27 @@ import math
 import torch
 import torch.nn.functional as F
 
+import auxiliary
 from errors import UserError
 from losses import (
+    ab_loss,
     at_least_fp32,
     at_loss,
     at_loss_paper,
     cc_loss,
     cosine_loss,
+    crd_loss,
     distillation,
     dkd_loss,
     feature_distance,
     fsp_loss,
+    ft_loss,
+    hcl_loss,
     input_gradient_loss,
     kdsvd_loss,
     nst_loss,
+    ofd_loss,
+    ofd_margin,
     pkt_loss,
     rkd_loss,
     same_resolution,
@@ -52,16 +74,25 @@ from losses import input_gradient as input_gradient_of
 from utils import batch_norm, bnparams, conv_params, data_parallel, flatten, linear_params, set_requires_grad_except_bn_
 
 BENCHMARK_WEIGHTS = ('sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta',
-                     'vid_beta', 'dkd_beta')
+                     'vid_beta', 'dkd_beta', 'reviewkd_beta', 'kd_beta', 'crd_beta', 'ab_beta', 'ft_beta',
+                     'ofd_beta')
 WEIGHT_FLAGS = ('beta', 'grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight',
                 *BENCHMARK_WEIGHTS)
 NEEDS_TEACHER = ('grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', *BENCHMARK_WEIGHTS)
 # The settings of those methods, as they enter the loss terms (cohort members may differ in them).
 BENCHMARK_SETTINGS = ('cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd', 'dkd_warmup',
-                      'logit_stand')
+                      'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
+                      'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m', 'ft_rate')
 # RepDistiller's VIDLoss starts each channel's predicted variance at 5.
 VID_INITIAL_VARIANCE, VID_EPS = 5.0, 1e-5
-POOLED_METHODS = ('cc_beta', 'rkd_beta', 'pkt_beta')  # read the pooled feature, the final layer's input
+# read the pooled feature, the final layer's input
+POOLED_METHODS = ('cc_beta', 'rkd_beta', 'pkt_beta', 'reviewkd_beta', 'crd_beta')
+# read the groups' pre-ReLU outputs (the networks' preact=True)
+PREACT_METHODS = ('ab_beta', 'ofd_beta', 'reviewkd_beta')  # ReviewKD: the teacher's, as mdistiller
+# Methods trained (AB, FSP) or prepared (FT's paraphraser) in an init stage before the main one,
+# RepDistiller's --init_epochs, 30 by default.
+INIT_METHODS = ('ab_beta', 'ft_beta', 'fsp_beta')
+DEFAULT_INIT_EPOCHS = 30
 AUX_GROUPS = (0, 1)
 
 
@@ -109,7 +140,8 @@ def add_benchmark_method_arguments(p):
                    help="SVD distillation: B * KDSVD over consecutive groups' singular vectors")
     p.add_argument('--kdsvd_k', default=1, type=int, help='singular vectors KDSVD compares per group')
     p.add_argument('--fsp_beta', default=0, type=float,
-                   help='flow of solution procedure: B * FSP between consecutive groups')
+                   help='flow of solution procedure: B * FSP between consecutive groups, trained in the init '
+                        'stage (--init_epochs 0: a main-stage term)')
     p.add_argument('--vid_beta', default=0, type=float,
                    help="variational information distillation: B * VID on each group (learned regressors)")
     p.add_argument('--dkd_beta', default=0, type=float,
@@ -120,6 +152,45 @@ def add_benchmark_method_arguments(p):
                    help='epochs over which the DKD weight rises linearly to --dkd_beta (0: none)')
     p.add_argument('--logit_stand', action='store_true',
                    help='standardise student and teacher logits (zero mean, unit std) before KD and DKD')
+    p.add_argument('--kd_beta', default=0, type=float,
+                   help='B * KD (T^2 KL at --temperature) as a term of its own, beside the cross-entropy '
+                        '(needs --alpha 0); CRD+KD as RepDistiller weighs it: --kd_beta 1 --crd_beta 0.8')
+    p.add_argument('--crd_beta', default=0, type=float,
+                   help="contrastive representation distillation: B * CRD between the pooled features "
+                        "(RepDistiller's weight: 0.8)")
+    p.add_argument('--crd_feat_dim', default=128, type=int, help="size of CRD's embeddings")
+    p.add_argument('--crd_nce_k', default=16384, type=int,
+                   help='negatives per sample: training images of other classes, drawn at each step')
+    p.add_argument('--crd_nce_t', default=0.07, type=float, help="temperature of CRD's scores")
+    p.add_argument('--crd_nce_m', default=0.5, type=float, help="momentum of CRD's memory updates")
+    p.add_argument('--reviewkd_beta', default=0, type=float,
+                   help="knowledge review: B * HCL between the student's groups and pooled feature, fused by "
+                        "learned ABF modules, and the teacher's pre-ReLU groups and pooled feature, warmed up "
+                        "linearly (mdistiller's CIFAR-100 weight: 5)")
+    p.add_argument('--reviewkd_warmup', default=20, type=int,
+                   help='epochs over which the ReviewKD weight rises linearly to --reviewkd_beta (0: none)')
+    p.add_argument('--reviewkd_mid_channels', default=auxiliary.REVIEWKD_MAX_MID_CHANNELS, type=int,
+                   help="width of ReviewKD's fusion: at most this, at most the student's pooled feature's "
+                        "channels (mdistiller's min(512, C))")
+    p.add_argument('--ab_beta', default=0, type=float,
+                   help="activation boundaries: B * AB between the student's pre-ReLU groups, through learned "
+                        "connectors, and the teacher's, in the init stage only (RepDistiller's weight: 1)")
+    p.add_argument('--ft_beta', default=0, type=float,
+                   help="factor transfer: B * FT between a learned translator's factor of the student's last group "
+                        "and the factor of the teacher's by a paraphraser, itself trained in the init stage to "
+                        "reconstruct that group (RepDistiller's weight: 200)")
+    p.add_argument('--ft_rate', default=0.5, type=float,
+                   help="FT's factor channels per channel of the teacher's last group (RepDistiller's k: 0.5)")
+    p.add_argument('--init_epochs', default=None, type=int,
+                   help=f'epochs of the init stage that AB, FT and FSP train before the main stage (default: '
+                        f'{DEFAULT_INIT_EPOCHS} with one of them, as RepDistiller, else 0; FSP with 0 is a '
+                        f'main-stage term)')
+    p.add_argument('--init_lr', default=None, type=float,
+                   help='constant learning rate of the init stage (default: --lr; RepDistiller uses 0.01 for FT '
+                        'with ResNet and WRN students)')
+    p.add_argument('--ofd_beta', default=0, type=float,
+                   help='overhaul of feature distillation: B * OFD between connected pre-ReLU groups '
+                        "(mdistiller's weight: 1e-3, beside a cross-entropy of weight 1: --alpha 0)")
 
 
 def double_backward(opt):
@@ -148,17 +219,23 @@ def kind(name):
 class Transfer:
     """The objective of one batch. f_s(x, params, mode, prefix) and f_t(x, params, prefix) each
     return (logits, [group outputs]), and (logits, groups, pooled feature) when called with
-    pooled=True, which only runs whose methods read that feature do; with a teacher, both live in
-    one dict under 'student.' and 'teacher.', and the teacher always runs in inference mode
-    without parameter gradients."""
+    pooled=True, which only runs whose methods read that feature do; with preact=True (runs of
+    PREACT_METHODS) also the groups' outputs before their ReLUs, and then f.bn_before_relu names
+    the BNs that set them. With a teacher, both live in one dict under 'student.' and 'teacher.',
+    and the teacher always runs in inference mode without parameter gradients."""
 
     def __init__(self, opt, f_s, f_t=None):
         self.opt, self.f_s, self.f_t = opt, f_s, f_t
         self.prefix = 'student.' if f_t else ''
         self.n_groups = None  # known once add_aux_params has looked at the networks
-        # The networks hand out their pooled feature only to the methods that read it.
+        # The networks hand out their pooled feature and pre-ReLU groups only to the methods
+        # that read them.
         self.pooled = bool(f_t) and any(getattr(opt, k) for k in POOLED_METHODS)
+        self.preact = bool(f_t) and any(getattr(opt, k) for k in PREACT_METHODS)
+        # Resolved by options.resolve_init_stage; a namespace built otherwise has no init stage.
+        self.init_stage = bool(getattr(opt, 'init_epochs', None))
         self.replicas = {}  # --ngpu: copies of tensors without gradient on the other GPUs
+        self.step = 0  # the global step being trained (set by the training step): CRD's draw
 
     def network(self, params, prefix):
         """One network's part of the dict: all that --ngpu needs to copy to its GPUs."""
@@ -167,48 +244,56 @@ class Transfer:
         return {k: v for k, v in params.items() if k.startswith(prefix) and not k.startswith('aux.')}
 
     def student(self, x, params, mode):
-        """(logits, groups, pooled feature or None)."""
-        pooled = {'pooled': True} if self.pooled else {}
-        return with_feature(data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix, **pooled), x,
+        """(logits, groups, pooled feature or None, pre-ReLU groups or None)."""
+        asked = feature_options(self.pooled, self.preact)
+        return with_feature(data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix, **asked), x,
                                           self.network(params, self.prefix), mode, range(self.opt.ngpu),
                                           self.replicas))
 
-    def teacher(self, x, params, pooled):
-        pooled = {'pooled': True} if pooled else {}
-        return with_feature(data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.', **pooled), x,
+    def teacher(self, x, params, pooled, preact):
+        asked = feature_options(pooled, preact)
+        return with_feature(data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.', **asked), x,
                                           self.network(params, 'teacher.'), False, range(self.opt.ngpu),
                                           self.replicas))
 
-    def teacher_outputs(self, x, y, params, input_gradient=False, pooled=None):
-        """(logits, groups, input gradient or None, pooled feature or None) of the teacher:
-        computed once per batch and shared by every student that learns from it (a cohort), so
-        `pooled` (default: whether this run needs it) is asked for if any of them does."""
+    def teacher_outputs(self, x, y, params, input_gradient=False, pooled=None, preact=None):
+        """(logits, groups, input gradient or None, pooled feature or None, pre-ReLU groups or
+        None) of the teacher: computed once per batch and shared by every student that learns
+        from it (a cohort), so `pooled` and `preact` (default: whether this run needs them) are
+        asked for if any of them does."""
         pooled = self.pooled if pooled is None else pooled
+        preact = self.preact if preact is None else preact
         if not input_gradient:
             with torch.no_grad():
-                y_t, g_t, f_t = self.teacher(x, params, pooled)
-            return y_t, g_t, None, f_t
+                y_t, g_t, f_t, p_t = self.teacher(x, params, pooled, preact)
+            return y_t, g_t, None, f_t, p_t
         x_t = x.detach().requires_grad_()
         with torch.enable_grad():
-            y_t, g_t, f_t = self.teacher(x_t, params, pooled)
+            y_t, g_t, f_t, p_t = self.teacher(x_t, params, pooled, preact)
             j_t = input_gradient_of(y_t, y, x_t)
-        return y_t.detach(), [g.detach() for g in g_t], j_t, None if f_t is None else f_t.detach()
+        return (y_t.detach(), [g.detach() for g in g_t], j_t, None if f_t is None else f_t.detach(),
+                None if p_t is None else [p.detach() for p in p_t])
 
-    def __call__(self, x, y, params, mode, teacher=None):
+    def __call__(self, x, y, params, mode, teacher=None, index=None, stage='main'):
         """(student logits, {term name: unweighted value}). `teacher` holds teacher_outputs()
-        of this batch, computed here when not given. Training-only terms (input gradients,
-        auxiliary heads) are left out when mode is False."""
+        of this batch, computed here when not given; `index` the batch's positions in the
+        training set (CRD's memory rows). Training-only terms (input gradients, auxiliary heads,
+        CRD) are left out when mode is False. `stage` 'init' gives the init-stage terms instead."""
         o = self.opt
+        if stage == 'init':
+            return self.init_terms(x, y, params, teacher)
         input_gradients = mode and double_backward(o)
         if input_gradients:
             x = x.detach().requires_grad_()
-        y_s, g_s, f_s = self.student(x, params, mode)
+        y_s, g_s, f_s, p_s = self.student(x, params, mode)
         if self.f_t:
             if teacher is None:
                 teacher = self.teacher_outputs(x, y, params, mode and bool(o.grad_beta))
-            y_t, g_t, j_t, f_t = teacher
+            y_t, g_t, j_t, f_t, p_t = teacher
             terms = self.teacher_terms(params, y, y_s, g_s, y_t, g_t)
-            terms.update(self.benchmark_terms(params, y, y_s, g_s, f_s, y_t, g_t, f_t))
+            terms.update(self.benchmark_terms(params, y, y_s, g_s, f_s, y_t, g_t, f_t, p_s=p_s, p_t=p_t, mode=mode))
+            if o.ft_beta:
+                terms['ft'] = self.ft_term(params, g_s, g_t, mode)
         else:
             terms, j_t = {'cross_entropy': F.cross_entropy(at_least_fp32(y_s), y)}, None
         if input_gradients:
@@ -221,6 +306,8 @@ class Transfer:
             for g in AUX_GROUPS:
                 logits = aux_head(g_s[g], params, f'aux.head{g}', mode)
                 terms[f'aux{g}'] = F.cross_entropy(at_least_fp32(logits), y)
+        if mode and o.crd_beta:
+            terms['crd'] = self.crd_term(params, y, f_s, f_t, index)
         return y_s, terms
 
     def teacher_terms(self, params, y, y_s, g_s, y_t, g_t):
@@ -228,6 +315,9 @@ class Transfer:
         o = self.opt
         terms = {'distillation': distillation(at_least_fp32(y_s), at_least_fp32(y_t), y,
                                               o.temperature, o.alpha, standardize=o.logit_stand)}
+        if o.kd_beta:  # KD alone (alpha 1): CRD+KD weighs it beside a full cross-entropy
+            terms['kd'] = distillation(at_least_fp32(y_s), at_least_fp32(y_t), y, o.temperature, 1.0,
+                                       standardize=o.logit_stand)
         at = at_loss if o.at_form == 'code' else at_loss_paper
         terms.update({f'at{g}': at(s, t, o.at_p) for g, (s, t) in enumerate(zip(g_s, g_t))})
         if o.factt_beta:
@@ -242,10 +332,12 @@ class Transfer:
             terms['cos'] = cosine_loss(g_s[-1], g_t[-1])
         return terms
 
-    def benchmark_terms(self, params, y, y_s, g_s, f_s, y_t, g_t, f_t):
-        """The terms of the CRD benchmark's other methods and DKD, read as RepDistiller wires
-        them: SP the last groups, CC, RKD and PKT the pooled features (CC through learned
-        embeddings), NST and VID each group pair, KDSVD and FSP all groups, DKD the logits."""
+    def benchmark_terms(self, params, y, y_s, g_s, f_s, y_t, g_t, f_t, p_s=None, p_t=None, *, mode):
+        """The terms of the CRD benchmark's other methods and mdistiller's, read as RepDistiller and
+        mdistiller wire them: SP the last groups, CC, RKD and PKT the pooled features (CC through
+        learned embeddings), NST and VID each group pair, KDSVD and FSP all groups, DKD the logits,
+        ReviewKD the groups and pooled features (the teacher's groups pre-ReLU), OFD the pre-ReLU
+        groups. `mode` is the student's: the BNs of ReviewKD's and OFD's learned parts follow it."""
         o, terms = self.opt, {}
         if o.sp_beta:
             terms['sp'] = sp_loss(g_s[-1], g_t[-1])
@@ -260,7 +352,7 @@ class Transfer:
             terms.update({f'nst{g}': nst_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))})
         if o.kdsvd_beta:
             terms['kdsvd'] = kdsvd_loss(g_s, g_t, o.kdsvd_k)
-        if o.fsp_beta:
+        if o.fsp_beta and not self.init_stage:
             terms['fsp'] = fsp_loss(g_s, g_t)
         if o.vid_beta:
             for g, (s, t) in enumerate(zip(g_s, g_t)):
@@ -270,14 +362,56 @@ class Transfer:
         if o.dkd_beta:
             terms['dkd'] = dkd_loss(at_least_fp32(y_s), at_least_fp32(y_t), y, o.dkd_alpha, o.dkd_nckd,
                                     o.temperature, standardize=o.logit_stand)
+        if o.reviewkd_beta:
+            terms['reviewkd'] = reviewkd_term(params, g_s, f_s, p_t, f_t, mode)
+        if o.ofd_beta:
+            terms['ofd'] = ofd_term(params, p_s, p_t, mode)
         return terms
 
-    def term_names(self, training=True):
+    def ft_term(self, params, g_s, g_t, mode):
+        """FT between the translator's factor of the student's last group and the factor of the
+        teacher's by the paraphraser, which the init stage trained and which stays fixed now."""
+        with torch.no_grad():
+            factor_t = auxiliary.paraphrase(g_t[-1], params, 'aux.ft.paraphraser')
+        return ft_loss(auxiliary.translate(g_s[-1], params, 'aux.ft.translator', mode), factor_t)
+
+    def init_terms(self, x, y, params, teacher):
+        """(student logits or None, {term: value}) of an init-stage step, RepDistiller's
+        helper/pretrain.py: AB trains the student and its connectors to put the connected pre-ReLU
+        groups on the teacher's side of each activation boundary, FSP the student to match the
+        teacher's FSP matrices, FT its paraphraser alone to reconstruct the teacher's last group
+        (the student then does not run). The student runs in training mode."""
+        o = self.opt
+        if teacher is None:
+            teacher = self.teacher_outputs(x, y, params)
+        _, g_t, _, _, p_t = teacher
+        y_s, terms = None, {}
+        if self.student_runs('init'):
+            y_s, g_s, _, p_s = self.student(x, params, True)
+            if o.ab_beta:
+                terms['ab'] = ab_loss([auxiliary.convreg(s, params, f'aux.ab{g}', True) for g, s in enumerate(p_s)],
+                                      p_t)
+            if o.fsp_beta:
+                terms['fsp'] = fsp_loss(g_s, g_t)
+        if o.ft_beta:
+            reconstruction = auxiliary.reconstruct(auxiliary.paraphrase(g_t[-1], params, 'aux.ft.paraphraser'),
+                                                   params, 'aux.ft.paraphraser')
+            terms['reconstruction'] = F.mse_loss(at_least_fp32(reconstruction), at_least_fp32(g_t[-1]))
+        return y_s, terms
+
+    def student_runs(self, stage):
+        """Whether training steps of `stage` run the student (FT's init stage trains its paraphraser only)."""
+        return stage == 'main' or bool(self.opt.ab_beta or self.opt.fsp_beta)
+
+    def term_names(self, training=True, stage='main'):
         """The names __call__ returns, in its order: one meter each."""
         o = self.opt
+        if stage == 'init':
+            return [n for flag, n in (('ab_beta', 'ab'), ('fsp_beta', 'fsp'), ('ft_beta', 'reconstruction'))
+                    if getattr(o, flag)]
         names = ['cross_entropy']
         if self.f_t:
-            names = ['distillation'] + [f'at{g}' for g in range(self.n_groups)]
+            names = ['distillation'] + (['kd'] if o.kd_beta else []) + [f'at{g}' for g in range(self.n_groups)]
             names += [f'factt{g}' for g in range(self.n_groups)] if o.factt_beta else []
             names += ['fitnet'] if o.fitnet_beta else []
             names += ['cos'] if o.cos_beta else []
@@ -285,39 +419,51 @@ class Transfer:
                                         ('pkt_beta', 'pkt')) if getattr(o, flag)]
             names += [f'nst{g}' for g in range(self.n_groups)] if o.nst_beta else []
             names += ['kdsvd'] if o.kdsvd_beta else []
-            names += ['fsp'] if o.fsp_beta else []
+            names += ['fsp'] if o.fsp_beta and not self.init_stage else []
             names += [f'vid{g}' for g in range(self.n_groups)] if o.vid_beta else []
             names += ['dkd'] if o.dkd_beta else []
+            names += ['reviewkd'] if o.reviewkd_beta else []
+            names += ['ofd'] if o.ofd_beta else []
+            names += ['ft'] if o.ft_beta else []
         if training:
             names += ['grad_at'] if o.grad_beta else []
             names += ['symmetry'] if o.sym_beta else []
             names += [f'aux{g}' for g in AUX_GROUPS] if o.aux_weight else []
+            names += ['crd'] if o.crd_beta else []
         return names
 
-    def weights(self, epoch, epoch_step):
-        """Weight of each kind of term in 1-based `epoch`: beta decays with --beta_decay at the
-        learning-rate steps; the paper's forms carry its factor 1/2; DKD warms up (dkd_weight)."""
+    def weights(self, epoch, epoch_step, stage='main'):
+        """Weight of each kind of term in 1-based `epoch` of `stage`: beta decays with --beta_decay at the
+        learning-rate steps; the paper's forms carry its factor 1/2; DKD and ReviewKD warm up (dkd_weight).
+        The init stage weighs only its own terms: AB and FSP by their betas, FT's reconstruction by 1
+        (RepDistiller's plain MSE); FT's beta weighs its main-stage term."""
         o = self.opt
+        if stage == 'init':
+            weights = {'ab': o.ab_beta, 'fsp': o.fsp_beta, 'reconstruction': 1.0}
+            return {k: w for k, w in weights.items() if k in self.term_names(stage='init')}
         beta = step_schedule(o.beta, o.beta_decay, epoch, epoch_step)
         weights = {'cross_entropy': 1.0, 'distillation': 1.0,
                    'at': beta if o.at_form == 'code' else beta / 2,
                    'grad_at': o.grad_beta / 2, 'symmetry': o.sym_beta / 2,
                    'factt': o.factt_beta, 'fitnet': o.fitnet_beta, 'cos': o.cos_beta, 'aux': o.aux_weight,
                    **{flag[:-len('_beta')]: getattr(o, flag) for flag in BENCHMARK_WEIGHTS},
-                   'dkd': dkd_weight(o.dkd_beta, o.dkd_warmup, epoch)}
+                   'dkd': dkd_weight(o.dkd_beta, o.dkd_warmup, epoch),
+                   'reviewkd': dkd_weight(o.reviewkd_beta, o.reviewkd_warmup, epoch)}
         active = {kind(n) for n in self.term_names()}
         return {k: w for k, w in weights.items() if k in active}
 
-    def add_aux_params(self, params, image_size):
+    def add_aux_params(self, params, image_size, train_labels=None):
         """Runs the networks once on a blank image to learn their groups' shapes, then returns
-        params with the trainable 'aux.' parameters the active methods need."""
+        params with the trainable 'aux.' parameters the active methods need (and CRD's memory of
+        the training set whose labels, in dataset order, are `train_labels`)."""
         o = self.opt
         dtype = next(v.dtype for v in params.values() if v.is_floating_point())
         x = torch.zeros(1, 3, image_size, image_size, dtype=dtype)
-        pooled = {'pooled': True} if self.pooled else {}
+        asked = feature_options(self.pooled, self.preact)
         with torch.no_grad():
-            y_s, g_s, f_s = with_feature(self.f_s(x, params, False, self.prefix, **pooled))
-            _, g_t, f_t = with_feature(self.f_t(x, params, 'teacher.', **pooled)) if self.f_t else (None, [], None)
+            y_s, g_s, f_s, p_s = with_feature(self.f_s(x, params, False, self.prefix, **asked))
+            _, g_t, f_t, p_t = (with_feature(self.f_t(x, params, 'teacher.', **asked)) if self.f_t
+                                else (None, [], None, None))
         self.n_groups = len(g_s)
         if self.f_t and len(g_t) != len(g_s):
             raise UserError(f'the student has {len(g_s)} groups and the teacher {len(g_t)}; '
@@ -336,15 +482,93 @@ class Transfer:
             for g in AUX_GROUPS:
                 c = g_s[g].shape[1]
                 aux[f'head{g}'] = {'bn': bnparams(c), 'fc': linear_params(c, y_s.shape[1])}
-        aux.update(self.benchmark_aux_params(g_s, f_s, g_t, f_t))
-        return {**params, **set_requires_grad_except_bn_(flatten(aux, 'aux.'))}
+        aux.update(self.benchmark_aux_params(g_s, f_s, g_t, f_t, p_s=p_s, p_t=p_t))
+        aux.update(self.init_stage_aux_params(g_s, g_t, p_s, p_t))
+        return {**params, **set_requires_grad_except_bn_(flatten(aux, 'aux.')),
+                **self.crd_aux_params(f_s, f_t, train_labels), **self.ofd_aux_params(params, p_s, p_t)}
 
-    def benchmark_aux_params(self, g_s, f_s, g_t, f_t):
+    def ofd_aux_params(self, params, p_s, p_t):
+        """OFD's connectors and margins (auxiliary.ofd_params). A group's margin is losses.ofd_margin
+        of the teacher BN that f_t.bn_before_relu names for it (mdistiller's get_bn_before_relu),
+        read once here off the teacher's parameters and kept as a buffer (requires_grad False)."""
+        if not self.opt.ofd_beta:
+            return {}
+        names = getattr(self.f_t, 'bn_before_relu', None)
+        if not names or any(f'teacher.{n}.weight' not in params for n in names):
+            raise UserError('--ofd_beta takes its margins from the batch norms before the teacher\'s ReLUs, '
+                            'and this teacher has none to read (ShuffleNets, BN-folded ones); pick another '
+                            'teacher or drop --ofd_beta')
+        for g, (s, t) in enumerate(zip(p_s, p_t)):
+            same_size(s, t, g, '--ofd_beta')
+        margins = [ofd_margin(params[f'teacher.{n}.weight'], params[f'teacher.{n}.bias']) for n in names]
+        aux = set_requires_grad_except_bn_(flatten(auxiliary.ofd_params([s.shape[1] for s in p_s],
+                                                                        [t.shape[1] for t in p_t], margins), 'aux.'))
+        for k, v in aux.items():
+            v.requires_grad_(v.requires_grad and not auxiliary.is_buffer(k))
+        return aux
+
+    def crd_aux_params(self, f_s, f_t, train_labels):
+        """'aux.crd.*' (auxiliary.crd_params) for the N training images of `train_labels`:
+        embeddings to train, memories and Z to update in the forward (requires_grad False)."""
+        o = self.opt
+        if not o.crd_beta:
+            return {}
+        n = len(train_labels)
+        if o.crd_nce_k > n - 1:
+            raise UserError(f'--crd_nce_k {o.crd_nce_k} asks for more negatives per image than the {n} training '
+                            f'images hold besides it ({n - 1}); use --crd_nce_k {n - 1} or fewer')
+        self.crd_classes = auxiliary.crd_classes(train_labels)
+        if self.crd_classes['most_others'] == 0:
+            raise UserError(f'--crd_beta draws its negatives from other classes, and all {n} training images '
+                            f'have one label; train on data of two classes or more, or drop --crd_beta')
+        crd = flatten({'crd': auxiliary.crd_params(f_s.shape[1], f_t.shape[1], o.crd_feat_dim, n)}, 'aux.')
+        for k, v in crd.items():
+            v.requires_grad_(k.split('.')[2] not in auxiliary.CRD_BUFFERS)
+        return crd
+
+    def crd_term(self, params, y, f_s, f_t, index):
+        """CRD of this batch: both pooled features embedded, scored against the memories at the
+        sample itself and --crd_nce_k negatives drawn for this step (crd_seed), then the batch's
+        memory rows moved towards the new embeddings (after the scores, as RepDistiller)."""
+        o, n = self.opt, self.crd_classes['n']
+        e_s = auxiliary.crd_embed(f_s, params, 'aux.crd.embed_s')
+        e_t = auxiliary.crd_embed(f_t, params, 'aux.crd.embed_t')
+        generator = torch.Generator(y.device).manual_seed(crd_seed(o.seed, self.step))
+        negatives = auxiliary.crd_negatives(self.crd_classes, y, o.crd_nce_k, generator)
+        contrast = torch.cat([index[:, None], negatives], 1)
+        scores_s, scores_t = auxiliary.crd_scores(e_s, e_t, params, 'aux.crd', contrast, o.crd_nce_t, n)
+        auxiliary.crd_update_memory_(e_s.detach(), e_t.detach(), params, 'aux.crd', index, o.crd_nce_m)
+        return crd_loss(scores_s, scores_t, n)
+
+    def init_stage_aux_params(self, g_s, g_t, p_s, p_t):
+        """AB's connectors 'ab<g>' from the student's pre-ReLU groups to the teacher's
+        (auxiliary.convreg_params), FT's paraphraser of the teacher's last group and translator
+        of the student's (RepDistiller's Paraphraser and Translator)."""
+        o, aux = self.opt, {}
+        if o.ab_beta:
+            for g, (s, t) in enumerate(zip(p_s, p_t)):
+                if s.shape[2] < t.shape[2] and 2 * s.shape[2] != t.shape[2]:
+                    raise UserError(f'--ab_beta connects group {g}, which is {tuple(s.shape[2:])} in the student and '
+                                    f'{tuple(t.shape[2:])} in the teacher; a connector maps a larger group, or one '
+                                    f'of half the size, to the teacher\'s: pick other networks or drop --ab_beta')
+                aux[f'ab{g}'] = auxiliary.convreg_params(s.shape[1:], t.shape[1:])
+        if o.ft_beta:
+            c_s, c_t = g_s[-1].shape[1], g_t[-1].shape[1]
+            if auxiliary.factor_channels(c_t, o.ft_rate) < 1:
+                raise UserError(f'--ft_rate {o.ft_rate:g} gives FT\'s factors no channels from the teacher\'s {c_t}; '
+                                f'use a rate of at least {1 / c_t:.3g}, e.g. 0.5')
+            aux['ft'] = {'paraphraser': auxiliary.paraphraser_params(c_t, o.ft_rate),
+                         'translator': auxiliary.translator_params(c_s, c_t, o.ft_rate)}
+        return aux
+
+    def benchmark_aux_params(self, g_s, f_s, g_t, f_t, p_s=None, p_t=None):
         """CC's embeddings (a linear map of each network's pooled feature, RepDistiller's
         LinearEmbed, which does not normalise) and VID's regressors (RepDistiller's VIDLoss: three
         1x1 convolutions with ReLUs between, as many middle channels as the teacher's group, and
-        a per-channel log-scale of the predicted variance). FSP and KDSVD compare matrices whose
-        sides are the groups' channels, so they need the same channel counts in both networks."""
+        a per-channel log-scale of the predicted variance), ReviewKD's ABF modules (mdistiller's,
+        auxiliary.reviewkd_params) from the student's groups and pooled feature to the teacher's
+        widths. FSP and KDSVD compare matrices whose sides are the groups' channels, so they need
+        the same channel counts in both networks."""
         o, aux = self.opt, {}
         for flag, name in (('fsp_beta', 'FSP'), ('kdsvd_beta', 'KDSVD')):
             if getattr(o, flag):
@@ -363,19 +587,56 @@ class Transfer:
                 c_s, c_t = s.shape[1], t.shape[1]
                 aux[f'vid{g}'] = {'conv0': conv_params(c_s, c_t), 'conv1': conv_params(c_t, c_t),
                                   'conv2': conv_params(c_t, c_t), 'log_scale': torch.full((c_t,), log_scale)}
+        if o.reviewkd_beta:  # one ABF module per student level: each group, then the pooled feature
+            aux['reviewkd'] = auxiliary.reviewkd_params([*(s.shape[1] for s in g_s), f_s.shape[1]],
+                                                        [*(t.shape[1] for t in g_t), f_t.shape[1]],
+                                                        o.reviewkd_mid_channels)
         return aux
 
 
+def feature_options(pooled, preact):
+    """The keyword arguments that ask a network for its pooled feature and pre-ReLU groups: none
+    when neither is needed, so that networks without them (the ImageNet ones take no preact)
+    run as ever."""
+    return {'preact': True} if preact else {'pooled': True} if pooled else {}
+
+
 def with_feature(outputs):
-    """(logits, groups, pooled feature or None): a network asked for its pooled feature
-    returns three things, otherwise two."""
-    return outputs if len(outputs) == 3 else (*outputs, None)
+    """(logits, groups, pooled feature or None, pre-ReLU groups or None): a network returns two
+    things, three when asked for its pooled feature, four when asked for its pre-ReLU groups."""
+    return (*outputs, *(None,) * (4 - len(outputs)))
+
+
+def crd_seed(seed, step):
+    """The seed of CRD's negatives at 1-based global `step` of a run seeded `seed` (both below
+    2**32): a pure function of the step, so a resumed run draws what an uninterrupted one does and
+    no generator state is checkpointed."""
+    return (seed << 32) + step
 
 
 def dkd_weight(beta, warmup, epoch):
-    """mdistiller's warm-up of DKD: beta * min(epoch / warmup, 1) in 1-based `epoch`, a pure
-    function of the epoch, so a resumed run goes on where it stopped."""
+    """mdistiller's warm-up of DKD (and of ReviewKD, the same rule): beta * min(epoch / warmup, 1)
+    in 1-based `epoch`, a pure function of the epoch, so a resumed run goes on where it stopped."""
     return beta * min(epoch / warmup, 1.0) if warmup else beta
+
+
+def reviewkd_term(params, g_s, f_s, p_t, f_t, mode):
+    """mdistiller's ReviewKD: the student's groups and pooled feature (a 1x1 map), fused by the
+    ABF modules from the deepest level up (auxiliary.review), against the teacher's pre-ReLU
+    groups and pooled feature (mdistiller's preact_feats[1:] + pooled_feat) through HCL."""
+    targets = [*p_t, f_t[:, :, None, None]]
+    fused = auxiliary.review([*g_s, f_s[:, :, None, None]], params, 'aux.reviewkd', mode,
+                             [t.shape[2:] for t in targets])
+    return hcl_loss(fused, targets)
+
+
+def ofd_term(params, p_s, p_t, mode):
+    """mdistiller's OFD: each pre-ReLU student group through its connector against the teacher's
+    with that group's margin (losses.ofd_loss), group g of n weighted 1 / 2^(n - 1 - g), so the
+    last counts fully."""
+    n = len(p_s)
+    return sum(ofd_loss(auxiliary.connector(s, params, f'aux.ofd{g}', mode), t, params[f'aux.ofd{g}.margin'])
+               / 2 ** (n - 1 - g) for g, (s, t) in enumerate(zip(p_s, p_t)))
 
 
 def vid_regressor(x, params, base):

@@ -1,6 +1,7 @@
 """Throughput of cohorts: students trained in lock-step against one student alone.
 
     python3 benchmarks/cohort_speed.py --dataroot DIR [--sizes 1 5 25] [--train_images 10000]
+    python3 benchmarks/cohort_speed.py --dataroot DIR --row [--train_images 1000]
 
 In one run, on the same images, trains for --epochs epochs (the last is timed) WRN-16-1 students
 of a WRN-16-2 teacher (random weights: the arithmetic is a trained teacher's) through the real
@@ -8,6 +9,11 @@ loop: size 1 is a single AT run (--beta 1e3), size 5 an AT cohort over seeds 1..
 Table 1 row (student, AT, F-ActT, KD, AT+KD over seeds 1..5). Throughput ratio = students x
 single run's epoch / cohort's epoch: how many single runs' worth of training one cohort epoch
 does in the time of one.
+
+--row: the CRD benchmark's resnet8x4 <- resnet32x4 row (100 classes, random weights), one
+member per method of ROW, as one cohort against the same members trained one by one. Members
+with an init stage run one init epoch first (--init_epochs 1); the last main-stage epoch is
+timed in both. Throughput = the one-by-one runs' summed epochs / the cohort's epoch.
 """
 import argparse
 import json
@@ -23,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from epoch_speed import networks, random_subset  # noqa: E402
 
 import cifar  # noqa: E402
+import zoo  # noqa: E402
 from cohort import member_runs  # noqa: E402
 from data import Loader  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
@@ -31,6 +38,61 @@ from training import build_members, train  # noqa: E402
 
 COLUMNS = {'student': {}, 'at': {'beta': 1e3}, 'factt': {'factt_beta': 1}, 'kd': {'alpha': 0.9},
            'at_kd': {'alpha': 0.9, 'beta': 1e3, 'beta_decay': 0.2}}
+
+# Every method of the CRD benchmark's table and mdistiller's, with RepDistiller's weights
+# (scripts/crd_table.sh has the same columns).
+ROW = {'student': {}, 'kd': {'alpha': 0.9}, 'fitnet': {'fitnet_beta': 100}, 'at': {'beta': 1e3},
+       'at_kd': {'alpha': 0.9, 'beta': 1e3}, 'sp': {'sp_beta': 3000}, 'cc': {'cc_beta': 0.02},
+       'vid': {'vid_beta': 1}, 'rkd': {'rkd_beta': 1}, 'pkt': {'pkt_beta': 30000}, 'ab': {'ab_beta': 1},
+       'ft': {'ft_beta': 200}, 'fsp': {'fsp_beta': 1}, 'nst': {'nst_beta': 50}, 'crd': {'crd_beta': 0.8},
+       'crd_kd': {'crd_beta': 0.8, 'kd_beta': 1}, 'kdsvd': {'kdsvd_beta': 1}, 'dkd': {'dkd_beta': 1},
+       'ofd': {'ofd_beta': 1e-3}, 'reviewkd': {'reviewkd_beta': 1}}
+INIT_METHODS = ('ab_beta', 'ft_beta', 'fsp_beta')
+
+
+def row_member(name, init_epochs):
+    extra = {'init_epochs': init_epochs} if any(k in ROW[name] for k in INIT_METHODS) else {}
+    return {'name': name, 'seed': 1, **ROW[name], **extra}
+
+
+def row_epoch(cohort, args, data, device):
+    """(train seconds, test seconds) of the last main-stage epoch of a cohort of ROW members."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = ['--save', os.path.join(tmp, 'row'), '--teacher_id', 'random', '--epochs', str(args.epochs),
+                 '--epoch_step', '[]', '--compile', args.compile, '--data_seed', '1', '--dataset', 'CIFAR100',
+                 '--arch', 'resnet8x4', '--batch_size', '64', '--lr', '0.05', '--crd_nce_k',
+                 str(min(16384, args.train_images - 1)), '--cohort', json.dumps(cohort)]
+        opt = cifar.parse_args(flags)
+        runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
+        for run in runs:
+            run.data_seed = opt.data_seed
+        torch.manual_seed(0)
+        f_t, p_t = zoo.network('resnet32x4', 100)
+        teacher = (cifar.teacher_function(f_t), {k: v.requires_grad_(False) for k, v in p_t.items()})
+        layout = dict(channels_last=uses_channels_last(opt))
+        train_loader = Loader(*[t.to(device) for t in data['train']], 64, train=True, seed=1, **layout)
+        test_loader = Loader(*[t.to(device) for t in data['test']], 64, train=False, **layout)
+        built = build_members(runs, lambda: zoo.network('resnet8x4', 100), teacher, image_size=32, device=device,
+                              **layout)
+        train(opt, built, train_loader, test_loader, num_classes=100, device=device,
+              n_images=(len(data['train'][0]), len(data['test'][0])))
+        with open(os.path.join(runs[0].save, 'log.txt')) as log:
+            last = json.loads(log.readlines()[-1][len('json_stats: '):])
+        return last['train_time'], last['test_time']
+
+
+def row(args, data, device):
+    cohort = [row_member(name, 1) for name in ROW]
+    together = row_epoch(cohort, args, data, device)
+    alone = {m['name']: row_epoch([m], args, data, device) for m in cohort}
+    print('\n| method | alone: epoch s (train + test) |')
+    print('| --- | --- |')
+    for name, (train_s, test_s) in alone.items():
+        print(f'| {name} | {train_s + test_s:.1f} |')
+    total = sum(sum(t) for t in alone.values())
+    print(f'| **{len(cohort)} one by one** | {total:.1f} |')
+    print(f'| **one cohort** | {sum(together):.1f} ({together[0]:.1f} + {together[1]:.1f}) |')
+    print(f'\nthroughput of the cohort: {total / sum(together):.2f}x the members trained one by one')
 
 
 def members(size):
@@ -71,6 +133,7 @@ def main():
     p.add_argument('--test_images', type=int, default=2000)
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--compile', choices=['on', 'off'], default='off')
+    p.add_argument('--row', action='store_true', help='the resnet8x4 <- resnet32x4 row of every method instead')
     args = p.parse_args()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     data = random_subset(args.dataroot, args.train_images, args.test_images, 4)
@@ -78,6 +141,8 @@ def main():
         f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}'
     print(f'{len(data["train"][0])} train + {len(data["test"][0])} test images, torch {torch.__version__}, {machine}, '
           f'compile {args.compile}')
+    if args.row:
+        return row(args, data, device)
     results = {size: last_epoch(size, args, data, device) for size in args.sizes}
     single = results.get(1)
     print('\n| students | epoch: train s | epoch: test s | train s per student | throughput vs single runs |')

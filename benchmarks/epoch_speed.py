@@ -99,8 +99,7 @@ def networks(mode, teacher_width=2):
     if mode == 'plain':
         return f_s, p_s, None
     f_t, p_t = resnet(16, teacher_width, 10)
-    return f_s, p_s, (lambda x, p, prefix, **pooled: f_t(x, p, False, prefix, **pooled),
-                      {k: v.requires_grad_(False) for k, v in p_t.items()})
+    return f_s, p_s, (cifar.teacher_function(f_t), {k: v.requires_grad_(False) for k, v in p_t.items()})
 
 
 def to_device(params, device):

@@ -185,7 +185,8 @@ METHOD_MEMBERS = [
     {'name': 'sp', 'seed': 21, 'sp_beta': 10}, {'name': 'cc', 'seed': 22, 'cc_beta': 0.02, 'cc_dim': 16},
     {'name': 'rkd', 'seed': 23, 'rkd_beta': 1, 'rkd_w_a': 25}, {'name': 'pkt', 'seed': 24, 'pkt_beta': 100},
     {'name': 'nst_at', 'seed': 25, 'nst_beta': 5, 'beta': 1e3},
-    {'name': 'kdsvd', 'seed': 26, 'kdsvd_beta': 1, 'kdsvd_k': 2}, {'name': 'fsp', 'seed': 27, 'fsp_beta': 1},
+    {'name': 'kdsvd', 'seed': 26, 'kdsvd_beta': 1, 'kdsvd_k': 2},
+    {'name': 'fsp', 'seed': 27, 'fsp_beta': 1, 'init_epochs': 0},  # a main-stage term (tests/test_stages.py: init)
     {'name': 'vid', 'seed': 28, 'vid_beta': 1},
     {'name': 'dkd', 'seed': 29, 'dkd_beta': 1, 'dkd_warmup': 2, 'dkd_nckd': 6, 'logit_stand': True},
     {'name': 'kd_cc', 'seed': 30, 'alpha': 0.9, 'logit_stand': True, 'cc_beta': 0.02}]

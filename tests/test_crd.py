@@ -167,7 +167,7 @@ def test_zero_padded_crops_are_crops_of_the_black_padded_image():
 
 def test_cifar100_normalization_uses_its_own_statistics():
     images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
-    x, _, _ = next(iter(Loader(images, torch.zeros(2, dtype=torch.long), 2, train=False, normalization='cifar100')))
+    x, _, _, _ = next(iter(Loader(images, torch.zeros(2, dtype=torch.long), 2, train=False, normalization='cifar100')))
     mean, std = torch.tensor([0.5071, 0.4867, 0.4408]), torch.tensor([0.2675, 0.2565, 0.2761])
     torch.testing.assert_close(x[0, :, 0, 0], (128 / 255 - mean) / std)
 

@@ -83,7 +83,7 @@ def test_loader_on_the_gpu_covers_each_image_once_and_skips_to_the_tail():
         return [b for b in loader]
 
     first = epoch(1)
-    labels = torch.cat([y for _, y, _ in first]).tolist()
+    labels = torch.cat([y for _, y, _, _ in first]).tolist()
     assert sorted(labels) == list(range(10)) and first[0][0].device == images.device
     assert first[0][0].is_contiguous(memory_format=torch.channels_last)
     again, tail = epoch(1), epoch(1, skip=1)
@@ -125,10 +125,10 @@ def test_compiled_step_equals_the_eager_step():
     for compile in (False, True):
         members, (train_step, eval_step) = gpu_steps(compile=compile, autocast=False)
         losses = [o['loss'] for o in train_step(SimpleNamespace(state=SimpleNamespace(iteration=1)),
-                                                 (x, y, 1.0)).values()]
+                                                 (x, y, 1.0, torch.arange(8, device=GPU))).values()]
         for m in members:
             m.evaluating = True
-        logits = [o['y_pred'] for o in eval_step(None, (x, y, 1.0)).values()]
+        logits = [o['y_pred'] for o in eval_step(None, (x, y, 1.0, torch.arange(8, device=GPU))).values()]
         results.append((losses, logits, [m.params for m in members]))
     for a, b in zip(*results):
         for u, v in zip(a, b):

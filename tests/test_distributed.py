@@ -39,7 +39,7 @@ def count_step_collectives(rank, world):
                                         speed=cpu_speed(channels_last=False, fused=False))
     x, y = torch.randn(9, 3, 32, 32), torch.randint(0, 10, (9,))
     share = distributed.share(len(x))
-    x, y = distributed.shard(x), distributed.shard(y)
+    x, y, index = distributed.shard(x), distributed.shard(y), distributed.shard(torch.arange(len(x)))
 
     class Collectives(HostReads):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -49,7 +49,7 @@ def count_step_collectives(rank, world):
 
     with Collectives() as mode:
         for i in range(1, 4):
-            train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), (x, y, share))
+            train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), (x, y, share, index))
     n_bn = sum(k.endswith('running_mean') for k in members[0].params)
     return {'ops': mode.reads, 'n_bn': n_bn, 'share': share}
 

@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F
 from torchdistill.losses import mid_level
 
+from auxiliary import crd_scores, crd_update_memory_
 from losses import (
     ab_loss,
     cc_loss,
+    crd_loss,
     distillation,
     dkd_loss,
     fsp_loss,
     fsp_matrix,
+    ft_loss,
     hcl_loss,
     kdsvd_loss,
     nst_loss,
@@ -451,6 +454,7 @@ CASES = {
     'vid': (lambda s, t: vid_loss(s[-1], t[-1], torch.ones(6))),
     'dkd': (lambda s, t: dkd_loss(s[-1].flatten(1), t[-1].flatten(1), torch.tensor([1, 2, 3, 0]))),
     'ab': ab_loss,
+    'ft': (lambda s, t: ft_loss(s[-1], t[-1])),
     'ofd': (lambda s, t: ofd_loss(s[-1], t[-1], -torch.ones(6))),
     'hcl': hcl_loss,
 }
@@ -466,3 +470,159 @@ def test_bf16_inputs_give_an_fp32_loss_with_a_student_gradient(method):
     loss.backward()
     grads = [g.grad.float() for g in s if g.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# FT (RepDistiller distiller_zoo/FT.py at the commit above)
+
+def repdistiller_factor_transfer(f_s, f_t, p1=2, p2=1):
+    """RepDistiller's FactorTransfer.forward written out again: pool the larger factor to the
+    other's size, summarise each by normalize(mean_c f^p1), compare with the p2 = 1 mean
+    absolute difference."""
+    if f_s.shape[2] > f_t.shape[2]:
+        f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[2:])
+    elif f_s.shape[2] < f_t.shape[2]:
+        f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
+
+    def factor(f):
+        return F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))
+    return (factor(f_s) - factor(f_t)).abs().mean()
+
+
+def test_ft_against_its_formula_and_repdistiller_and_how_torchdistill_differs():
+    f_s, f_t, big = randn(15, (3, 4, 4, 4), (3, 6, 4, 4), (3, 4, 8, 8))
+
+    def by_hand(a, b):
+        total, n = 0.0, 0
+        for x, y in zip(a, b):
+            qx = [sum(float(x[c, i, j]) ** 2 for c in range(x.shape[0])) / x.shape[0]
+                  for i in range(x.shape[1]) for j in range(x.shape[2])]
+            qy = [sum(float(y[c, i, j]) ** 2 for c in range(y.shape[0])) / y.shape[0]
+                  for i in range(y.shape[1]) for j in range(y.shape[2])]
+            nx, ny = math.sqrt(sum(v * v for v in qx)), math.sqrt(sum(v * v for v in qy))
+            total += sum(abs(u / nx - v / ny) for u, v in zip(qx, qy))
+            n += len(qx)
+        return total / n
+    close(ft_loss(f_s, f_t), by_hand(f_s, f_t))
+    close(ft_loss(f_s, f_t), repdistiller_factor_transfer(f_s, f_t))
+    close(ft_loss(big, f_t), repdistiller_factor_transfer(big, f_t))  # the larger factor is pooled
+    close(ft_loss(f_t, big), repdistiller_factor_transfer(f_t, big))
+    assert ft_loss(f_s, f_s).item() == 0
+    # torchdistill's FTLoss is the paper's eq. 3: it normalises each whole flattened factor, where
+    # RepDistiller (and so ft_loss, which its weight 200 is calibrated for) compares the
+    # normalised channel means of the squared factors
+    paper = (F.normalize(f_s.flatten(1)) - F.normalize(f_t[:, :4].flatten(1))).abs().mean()
+    td = mid_level.FTLoss(p=1, reduction='mean')({'translator': {'output': f_s}},
+                                                 {'paraphraser': {'output': f_t[:, :4]}})
+    close(td, paper)
+    assert abs(float(td) - float(ft_loss(f_s, f_t[:, :4]))) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# CRD: scores against the memory, Z, the memory update and the NCE loss
+
+def repdistiller_crd_step(v1, v2, memory_v1, memory_v2, z, index, contrast, T, momentum):
+    """One step of RepDistiller's CRDLoss after the embeddings (crd/memory.py ContrastMemory.forward,
+    crd/criterion.py ContrastLoss), written out again here: v1 the student's embeddings, v2 the
+    teacher's, memory_v1 the student memory. Returns (loss, memory_v1, memory_v2, z)."""
+    bsz, n_data, dim = len(v1), memory_v1.shape[0], memory_v1.shape[1]
+    rows_1 = memory_v1.index_select(0, contrast.reshape(-1)).view(bsz, -1, dim)
+    out_v2 = torch.exp(torch.bmm(rows_1, v2.view(bsz, dim, 1)) / T)
+    rows_2 = memory_v2.index_select(0, contrast.reshape(-1)).view(bsz, -1, dim)
+    out_v1 = torch.exp(torch.bmm(rows_2, v1.view(bsz, dim, 1)) / T)
+    z = list(z)
+    if z[0] < 0:
+        z[0] = float(out_v1.mean() * n_data)
+    if z[1] < 0:
+        z[1] = float(out_v2.mean() * n_data)
+    out_v1, out_v2 = out_v1 / z[0], out_v2 / z[1]
+    updated = []
+    for memory, v in ((memory_v1, v1), (memory_v2, v2)):
+        memory = memory.clone()
+        pos = memory.index_select(0, index) * momentum + v * (1 - momentum)
+        memory.index_copy_(0, index, pos / pos.pow(2).sum(1, keepdim=True).pow(0.5))
+        updated.append(memory)
+
+    def contrast_loss(x):
+        m, noise, eps = x.shape[1] - 1, 1 / n_data, 1e-7
+        log_d1 = torch.log(x[:, 0] / (x[:, 0] + m * noise + eps))
+        log_d0 = torch.log((m * noise) / (x[:, 1:] + m * noise + eps))
+        return -(log_d1.sum(0) + log_d0.reshape(-1, 1).sum(0)) / bsz
+
+    return contrast_loss(out_v1) + contrast_loss(out_v2), *updated, z
+
+
+def crd_case(seed, n_data=40, dim=8, batch=5, k=6):
+    """Unit embeddings, memories started as ContrastMemory starts them, and a contrast set per
+    sample (itself, then k others), in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    e_s, e_t = (F.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64)) for _ in range(2))
+    bound = (dim / 3) ** -0.5
+    memories = [torch.rand(n_data, dim, generator=g, dtype=torch.float64) * 2 * bound - bound for _ in range(2)]
+    index = torch.randperm(n_data, generator=g)[:batch]
+    contrast = torch.cat([index[:, None], torch.randint(0, n_data, (batch, k), generator=g)], 1)
+    return e_s, e_t, memories, index, contrast
+
+
+def ours_crd_step(e_s, e_t, params, index, contrast, T=0.07, momentum=0.5):
+    n_data = params['aux.crd.memory_s'].shape[0]
+    scores_s, scores_t = crd_scores(e_s, e_t, params, 'aux.crd', contrast, T, n_data)
+    crd_update_memory_(e_s, e_t, params, 'aux.crd', index, momentum)
+    return crd_loss(scores_s, scores_t, n_data)
+
+
+def test_crd_follows_repdistillers_memory_and_contrast_loss_over_two_steps():
+    """The first step fixes Z from its own scores, the second uses it; the memory rows of each
+    batch move and are renormalised after the scores are taken."""
+    e_s, e_t, (memory_s, memory_t), index, contrast = crd_case(0)
+    params = {'aux.crd.memory_s': memory_s.clone(), 'aux.crd.memory_t': memory_t.clone(),
+              'aux.crd.z': torch.full((2,), -1.0, dtype=torch.float64)}
+    z = (-1, -1)
+    for step in range(2):
+        if step:
+            e_s, e_t, _, index, contrast = crd_case(1)
+        expected, memory_s, memory_t, z = repdistiller_crd_step(e_s, e_t, memory_s, memory_t, z, index, contrast,
+                                                                0.07, 0.5)
+        close(ours_crd_step(e_s, e_t, params, index, contrast), expected)
+        torch.testing.assert_close(params['aux.crd.memory_s'], memory_s, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(params['aux.crd.memory_t'], memory_t, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(params['aux.crd.z'], torch.tensor(z, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert z[0] != z[1]  # each score has its own constant
+
+
+def test_crd_loss_is_nce_against_noise_of_probability_one_over_n():
+    """Written sample by sample: -log h(pos) - sum log(1 - h(neg)), h = P / (P + K/N)."""
+    g = torch.Generator().manual_seed(3)
+    scores_s, scores_t = (torch.rand(4, 1 + 5, generator=g, dtype=torch.float64) for _ in range(2))
+    n_data = 100
+
+    def nce(p):
+        noise, total = 5 / n_data, 0.0  # K = 5 negatives, each the noise's with probability 1/N
+        for row in p.tolist():
+            total -= math.log(row[0] / (row[0] + noise + 1e-7))
+            total -= sum(math.log(noise / (s + noise + 1e-7)) for s in row[1:])
+        return total / len(p)
+
+    close(crd_loss(scores_s, scores_t, n_data), nce(scores_s) + nce(scores_t))
+
+
+def test_crd_matches_torchdistill():
+    """torchdistill's CRDLoss is RepDistiller's refactored: the same scores, Z, loss and memory
+    update from the same memories and contrast indices (its buffer of constants is set in fp64,
+    where its constructor would round the temperature to fp32)."""
+    e_s, e_t, (memory_s, memory_t), index, contrast = crd_case(2)
+    n_data, dim, k = memory_s.shape[0], memory_s.shape[1], contrast.shape[1] - 1
+    theirs = mid_level.CRDLoss('s', 'e', 't', dim, n_data, k, n_data).double()
+    theirs.memory_v1.copy_(memory_s)
+    theirs.memory_v2.copy_(memory_t)
+    theirs.params.copy_(torch.tensor([k, 0.07, -1, -1, 0.5], dtype=torch.float64))
+    params = {'aux.crd.memory_s': memory_s.clone(), 'aux.crd.memory_t': memory_t.clone(),
+              'aux.crd.z': torch.full((2,), -1.0, dtype=torch.float64)}
+    for step in range(2):
+        expected = theirs({'s': {'output': e_s}, 'e': {'input': {'pos_idx': index, 'contrast_idx': contrast}}},
+                          {'t': {'output': e_t}})
+        close(ours_crd_step(e_s, e_t, params, index, contrast), expected)
+        torch.testing.assert_close(params['aux.crd.memory_s'], theirs.memory_v1, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(params['aux.crd.memory_t'], theirs.memory_v2, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(params['aux.crd.z'], theirs.params[2:4], rtol=1e-13, atol=0)
+        e_s, e_t, _, index, contrast = crd_case(5 + step)

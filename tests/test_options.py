@@ -309,6 +309,23 @@ DIRECT_CASES = [
     (RULES, 'dkd_nckd', float('nan'), '--dkd_nckd nan is not a finite number'),
     (RULES, 'dkd_warmup', -1, '--dkd_warmup -1 is negative'), (RULES, 'dkd_warmup', 2.5, 'is not a whole number'),
     (RULES, 'logit_stand', 1, '--logit_stand 1 is not true or false'),
+    # CRD and KD as a term of its own
+    *[(RULES, flag, -1, f'--{flag} -1 is negative') for flag in ('kd_beta', 'crd_beta')],
+    (RULES, 'crd_feat_dim', 0, '--crd_feat_dim 0 is below 1'), (RULES, 'crd_nce_k', 0, '--crd_nce_k 0 is below 1'),
+    (RULES, 'crd_nce_t', 0, '--crd_nce_t 0 is not positive'),
+    (RULES, 'crd_nce_m', 1, '--crd_nce_m 1 is outside [0, 1)'),
+    # ReviewKD and OFD
+    *[(RULES, flag, -1, f'--{flag} -1 is negative') for flag in ('reviewkd_beta', 'ofd_beta')],
+    (RULES, 'reviewkd_warmup', -1, '--reviewkd_warmup -1 is negative'),
+    (RULES, 'reviewkd_warmup', 2.5, '--reviewkd_warmup 2.5 is not a whole number'),
+    (RULES, 'reviewkd_mid_channels', 0, '--reviewkd_mid_channels 0 is below 1'),
+    # AB, FT and the init stage
+    *[(RULES, flag, -1, f'--{flag} -1 is negative') for flag in ('ab_beta', 'ft_beta')],
+    (RULES, 'ft_rate', 0, '--ft_rate 0 is outside (0, 1]'), (RULES, 'ft_rate', 1.5, '--ft_rate 1.5 is outside (0, 1]'),
+    (RULES, 'init_epochs', -1, '--init_epochs -1 is negative'),
+    (RULES, 'init_epochs', 2.5, '--init_epochs 2.5 is not a whole number'),
+    (RULES, 'init_lr', 0, '--init_lr 0 is not positive'),
+    (RULES, 'init_lr', '0.01', "--init_lr '0.01' is not a number"),
 ]
 
 
@@ -334,7 +351,9 @@ def test_check_option_refuses_wrong_types_and_choices(rules, flag, value, messag
     (CIFAR_RULES, 'teacher_arch', 'ResNet50'), (CIFAR_RULES, 'crop_padding', 'zero'),
     (CIFAR_RULES, 'normalization', 'cifar100'),
     (IMAGENET_RULES, 'width', 1 / 64), (RULES, 'dkd_warmup', 0), (RULES, 'kdsvd_k', 1), (RULES, 'cc_dim', 1),
-    (RULES, 'rkd_w_a', 0), (RULES, 'logit_stand', True)])
+    (RULES, 'rkd_w_a', 0), (RULES, 'logit_stand', True), (RULES, 'reviewkd_warmup', 0),
+    (RULES, 'reviewkd_mid_channels', 1), (RULES, 'ft_rate', 1), (RULES, 'init_epochs', None),
+    (RULES, 'init_epochs', 0), (RULES, 'init_lr', None), (RULES, 'init_lr', 1e-4)])
 def test_valid_edge_values_are_accepted(rules, flag, value):
     assert check_option(flag, value, rules) == value
 

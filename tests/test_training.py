@@ -261,9 +261,9 @@ def test_evaluation_is_fp32_while_training_uses_bf16_autocast():
     [m], (train_step, eval_step) = steps_of(speed=cpu_speed(autocast=True))
     engine = SimpleNamespace(state=SimpleNamespace(iteration=1))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    assert train_step(engine, (x, y, 1.0))[m]['y_pred'].dtype == torch.bfloat16
+    assert train_step(engine, (x, y, 1.0, torch.arange(len(y))))[m]['y_pred'].dtype == torch.bfloat16
     m.evaluating = True
-    assert eval_step(engine, (x, y, 1.0))[m]['y_pred'].dtype == torch.float32
+    assert eval_step(engine, (x, y, 1.0, torch.arange(len(y))))[m]['y_pred'].dtype == torch.float32
 
 
 class HostReads(TorchDispatchMode):
@@ -289,7 +289,7 @@ def test_training_steps_and_meters_read_nothing_back_to_the_host(teacher):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     with HostReads() as mode:
         for i in range(1, 21):
-            outputs = train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), (x, y, 1.0))
+            outputs = train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), (x, y, 1.0, torch.arange(len(y))))
             for m, out in outputs.items():
                 m.train_meters.update(out)
     assert mode.reads == []

@@ -14,6 +14,7 @@ from resnet import resnet
 from test_cifar import TINY, checkpoint, expect_user_error, log_lines, ok
 from training import join_networks
 from transfer import Transfer
+from utils import batch_norm
 
 ALL_FLAGS = ['--beta', 0.2, '--alpha', 0.9, '--at_p', 4, '--at_form', 'paper', '--beta_decay', 0.1,
              '--grad_beta', 1, '--sym_beta', 1, '--factt_beta', 1, '--fitnet_beta', 1, '--cos_beta', 1,
@@ -251,12 +252,16 @@ METHOD_FLAGS = ['--sp_beta', 3000, '--cc_beta', 0.02, '--rkd_beta', 1, '--pkt_be
 
 def double_pair(student_width=1, teacher_depth=16):
     """WRN-10-<student_width> and a WRN-<teacher_depth>-1 teacher in float64, the teacher
-    wrapped as cifar.py wraps it (handing out its pooled feature when asked)."""
+    wrapped as cifar.py wraps it (handing out its pooled feature when asked, naming its BNs
+    before ReLUs for OFD)."""
     torch.manual_seed(0)
     f_s, p_s = resnet(10, student_width, 10)
     f_t, p_t = resnet(teacher_depth, 1, 10)
-    return f_s, as_double(p_s), (lambda x, p, prefix, **pooled: f_t(x, p, False, prefix, **pooled),
-                                 as_double(p_t, requires_grad=False))
+
+    def teacher(x, p, prefix, **pooled):
+        return f_t(x, p, False, prefix, **pooled)
+    teacher.bn_before_relu = f_t.bn_before_relu
+    return f_s, as_double(p_s), (teacher, as_double(p_t, requires_grad=False))
 
 
 def as_double(params, requires_grad=None):
@@ -355,6 +360,41 @@ def test_networks_hand_out_the_pooled_feature_only_to_methods_that_read_it():
         transfer(x, y, params, True)
         assert asked == [('s', pooled), ('t', pooled)], flags
         assert transfer.teacher_outputs(x, y, params, pooled=True)[3].shape == (2, 64)  # a cohort's other member
+
+
+def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them():
+    """--ab_beta and --ofd_beta ask both networks for preact=True; the pre-ReLU groups reach
+    benchmark_terms as p_s and p_t, and a cohort's teacher forward can ask for them alone."""
+    f_s, p_s, (f_t, p_t) = double_pair()
+    asked, handed = [], []
+
+    def spy(f, who):
+        def g(*args, **kw):
+            asked.append((who, kw.get('preact', False)))
+            return f(*args, **kw)
+        g.bn_before_relu = getattr(f, 'bn_before_relu', None)  # OFD's margins
+        return g
+
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 2])
+    for flags, preact in [(['--beta', 1, '--cc_beta', 1], False), (['--ab_beta', 1], True), (['--ofd_beta', 1], True)]:
+        transfer, params = join_networks(options('--teacher_id', 't', *flags), spy(f_s, 's'), p_s,
+                                         (spy(f_t, 't'), p_t))
+        params = as_double(params)
+        benchmark_terms = transfer.benchmark_terms
+        transfer.benchmark_terms = lambda *args, **kw: handed.append(kw) or benchmark_terms(*args, **kw)
+        asked.clear(), handed.clear()
+        transfer(x, y, params, True)
+        assert transfer.preact == preact and asked == [('s', preact), ('t', preact)], flags
+        p_s_, p_t_ = handed[0]['p_s'], handed[0]['p_t']
+        if preact:
+            assert [p.shape[1] for p in p_s_] == [16, 32, 64] and [p.shape[1] for p in p_t_] == [16, 32, 64]
+            with torch.no_grad():
+                _, g_t, _ = f_t(x, params, 'teacher.', pooled=True)
+            torch.testing.assert_close(p_t_[2], batch_norm(g_t[2], params, 'teacher.bn', False))
+        else:
+            assert p_s_ is None and p_t_ is None
+        outputs = transfer.teacher_outputs(x, y, params, preact=True)
+        assert len(outputs) == 5 and outputs[3].shape == (2, 64) and len(outputs[4]) == 3
 
 
 def test_dkd_warms_up_with_the_epoch():
