@@ -215,11 +215,29 @@ def fsp_loss(groups_s, groups_t):
                for s0, s1, t0, t1 in zip(groups_s, groups_s[1:], groups_t, groups_t[1:]))
 
 
+class FiniteGradient(torch.autograd.Function):
+    """Identity whose gradient has non-finite entries replaced by 0. The SVD's backward divides
+    by differences of squared singular values, all of them, also of the vectors KDSVD discards
+    (whose gradient is 0): repeated or vanishing ones give 0 * inf = NaN, which would end the run."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def right_singular_vectors(f, n):
     """The first n right singular vectors of each sample's (positions x channels) matrix, each
     L2-normalised over channels, and the first n singular values normalised to unit length."""
     x = at_least_fp32(f).flatten(2).transpose(1, 2)
-    _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+    # LAPACK refuses non-finite input with an exception; a diverged student must instead give a
+    # non-finite loss, which stops its run at its last good checkpoint (and lets a cohort go on).
+    finite = torch.isfinite(x).flatten(1).all(1)[:, None, None]
+    _, sigma, vh = torch.linalg.svd(FiniteGradient.apply(torch.where(finite, x, 0.0)), full_matrices=False)
+    vh, sigma = torch.where(finite, vh, math.nan), torch.where(finite[:, 0], sigma, math.nan)
     return F.normalize(vh[:, :n].transpose(1, 2), dim=1), F.normalize(sigma[:, :n], dim=1)
 
 

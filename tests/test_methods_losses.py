@@ -626,3 +626,20 @@ def test_crd_matches_torchdistill():
         torch.testing.assert_close(params['aux.crd.memory_t'], theirs.memory_v2, rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(params['aux.crd.z'], theirs.params[2:4], rtol=1e-13, atol=0)
         e_s, e_t, _, index, contrast = crd_case(5 + step)
+
+
+def test_kdsvd_gradient_stays_finite_where_singular_values_repeat_and_a_diverged_input_does_not_raise():
+    """The SVD's backward divides by differences of squared singular values: a group whose
+    channels repeat (a fresh network's often nearly do) has equal ones, which without the
+    guard turns the student's gradient into NaN and ends the run; non-finite input (a student
+    that diverged) must give a loss the divergence watch can see, not a LAPACK exception."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    s = [base.repeat(1, 4, 1, 1).requires_grad_() for _ in range(3)]  # 8 channels, 2 distinct
+    t = [torch.randn(4, 8, 4, 4, dtype=torch.float64) for _ in range(3)]
+    kdsvd_loss(s, t).backward()
+    assert all(torch.isfinite(x.grad).all() for x in s)
+    assert any(x.grad.abs().sum() > 0 for x in s)
+    broken = [x.detach().clone() for x in s]
+    broken[1][0, 0, 0, 0] = float('nan')
+    kdsvd_loss(broken, t)  # no exception
