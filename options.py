@@ -21,6 +21,7 @@ from checkpoint import CHECKPOINT, LOG, read_log
 from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
 from devices import cpu_has_bf16
 from errors import UserError
+from method_flags import add_transfer_loss_arguments
 from resnet import IMAGENET_BLOCKS, wrn_block_count
 from transfer import (
     DEFAULT_INIT_EPOCHS,
@@ -28,7 +29,6 @@ from transfer import (
     NEEDS_TEACHER,
     PREACT_METHODS,
     WEIGHT_FLAGS,
-    add_transfer_loss_arguments,
     double_backward,
 )
 from utils import DTYPES

@@ -37,7 +37,6 @@ the log report every term on its own scale and lets beta follow a schedule witho
 the (possibly compiled) forward. Methods that need parameters of their own keep them in the
 parameter dict under 'aux.': trained and checkpointed with the student, never deployed with it.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,6 @@ from losses import (
     kdsvd_loss,
     nst_loss,
     ofd_loss,
-    ofd_margin,
     pkt_loss,
     rkd_loss,
     same_resolution,
@@ -71,7 +69,7 @@ from losses import (
     vid_loss,
 )
 from losses import input_gradient as input_gradient_of
-from utils import batch_norm, bnparams, conv_params, data_parallel, flatten, linear_params, set_requires_grad_except_bn_
+from utils import batch_norm, data_parallel
 
 BENCHMARK_WEIGHTS = ('sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta',
                      'vid_beta', 'dkd_beta', 'reviewkd_beta', 'kd_beta', 'crd_beta', 'ab_beta', 'ft_beta',
@@ -94,103 +92,6 @@ PREACT_METHODS = ('ab_beta', 'ofd_beta', 'reviewkd_beta')  # ReviewKD: the teach
 INIT_METHODS = ('ab_beta', 'ft_beta', 'fsp_beta')
 DEFAULT_INIT_EPOCHS = 30
 AUX_GROUPS = (0, 1)
-
-
-def add_transfer_loss_arguments(p):
-    p.add_argument('--at_p', default=2, type=float,
-                   help='power p of the attention map sum_c |A_c|^p (the paper compares 1, 2, 4)')
-    p.add_argument('--at_form', default='code', choices=['code', 'paper'],
-                   help="code: beta * mean squared difference of the normalised maps (the reference "
-                        "code's); paper: beta/2 * L2 norm of their difference per sample (eq. 2)")
-    p.add_argument('--beta_decay', default=1, type=float,
-                   help='multiply --beta by this at each --epoch_step (the AT+KD schedule)')
-    p.add_argument('--grad_beta', default=0, type=float,
-                   help='gradient-based AT: B/2 * ||J_s - J_t||_2 with J = dCE/d(input)')
-    p.add_argument('--sym_beta', default=0, type=float,
-                   help="flip symmetry: B/2 * ||J_s - flip(J_s)||_2 on the student's input gradient")
-    p.add_argument('--factt_beta', default=0, type=float,
-                   help="full-activation transfer: B * mean squared difference of the groups' outputs")
-    p.add_argument('--fitnet_beta', default=0, type=float,
-                   help="FitNets hint: B * MSE between a 3x3 regressor of the student's middle group "
-                        "and the teacher's")
-    p.add_argument('--cos_beta', default=0, type=float,
-                   help="B * (1 - cosine) between the last groups' pooled features")
-    p.add_argument('--aux_weight', default=0, type=float,
-                   help='W * cross-entropy of auxiliary heads on groups 0 and 1 (training only)')
-    add_benchmark_method_arguments(p)
-
-
-def add_benchmark_method_arguments(p):
-    """The other methods of the CRD benchmark (RepDistiller) and DKD (mdistiller): one weight
-    each (0: off), then each method's own settings under its name."""
-    p.add_argument('--sp_beta', default=0, type=float,
-                   help="similarity-preserving KD: B * SP between the last groups' batch Gram matrices")
-    p.add_argument('--cc_beta', default=0, type=float,
-                   help='correlation congruence: B * CC between learned embeddings of the pooled features')
-    p.add_argument('--cc_dim', default=128, type=int, help="size of CC's linear embeddings (RepDistiller's 128)")
-    p.add_argument('--rkd_beta', default=0, type=float,
-                   help='relational KD: B * RKD (distance and angle) between the pooled features')
-    p.add_argument('--rkd_w_d', default=25, type=float, help="weight of RKD's distance term")
-    p.add_argument('--rkd_w_a', default=50, type=float, help="weight of RKD's angle term")
-    p.add_argument('--pkt_beta', default=0, type=float,
-                   help='probabilistic knowledge transfer: B * PKT between the pooled features')
-    p.add_argument('--nst_beta', default=0, type=float,
-                   help='neuron selectivity transfer: B * NST (polynomial-kernel MMD) on each group')
-    p.add_argument('--kdsvd_beta', default=0, type=float,
-                   help="SVD distillation: B * KDSVD over consecutive groups' singular vectors")
-    p.add_argument('--kdsvd_k', default=1, type=int, help='singular vectors KDSVD compares per group')
-    p.add_argument('--fsp_beta', default=0, type=float,
-                   help='flow of solution procedure: B * FSP between consecutive groups, trained in the init '
-                        'stage (--init_epochs 0: a main-stage term)')
-    p.add_argument('--vid_beta', default=0, type=float,
-                   help="variational information distillation: B * VID on each group (learned regressors)")
-    p.add_argument('--dkd_beta', default=0, type=float,
-                   help='decoupled KD: B * (alpha TCKD + nckd NCKD) at --temperature, warmed up linearly')
-    p.add_argument('--dkd_alpha', default=1, type=float, help="DKD's weight of target-class KD (its alpha)")
-    p.add_argument('--dkd_nckd', default=8, type=float, help="DKD's weight of non-target-class KD (its beta)")
-    p.add_argument('--dkd_warmup', default=20, type=int,
-                   help='epochs over which the DKD weight rises linearly to --dkd_beta (0: none)')
-    p.add_argument('--logit_stand', action='store_true',
-                   help='standardise student and teacher logits (zero mean, unit std) before KD and DKD')
-    p.add_argument('--kd_beta', default=0, type=float,
-                   help='B * KD (T^2 KL at --temperature) as a term of its own, beside the cross-entropy '
-                        '(needs --alpha 0); CRD+KD as RepDistiller weighs it: --kd_beta 1 --crd_beta 0.8')
-    p.add_argument('--crd_beta', default=0, type=float,
-                   help="contrastive representation distillation: B * CRD between the pooled features "
-                        "(RepDistiller's weight: 0.8)")
-    p.add_argument('--crd_feat_dim', default=128, type=int, help="size of CRD's embeddings")
-    p.add_argument('--crd_nce_k', default=16384, type=int,
-                   help='negatives per sample: training images of other classes, drawn at each step')
-    p.add_argument('--crd_nce_t', default=0.07, type=float, help="temperature of CRD's scores")
-    p.add_argument('--crd_nce_m', default=0.5, type=float, help="momentum of CRD's memory updates")
-    p.add_argument('--reviewkd_beta', default=0, type=float,
-                   help="knowledge review: B * HCL between the student's groups and pooled feature, fused by "
-                        "learned ABF modules, and the teacher's pre-ReLU groups and pooled feature, warmed up "
-                        "linearly (mdistiller's CIFAR-100 weight: 5)")
-    p.add_argument('--reviewkd_warmup', default=20, type=int,
-                   help='epochs over which the ReviewKD weight rises linearly to --reviewkd_beta (0: none)')
-    p.add_argument('--reviewkd_mid_channels', default=auxiliary.REVIEWKD_MAX_MID_CHANNELS, type=int,
-                   help="width of ReviewKD's fusion: at most this, at most the student's pooled feature's "
-                        "channels (mdistiller's min(512, C))")
-    p.add_argument('--ab_beta', default=0, type=float,
-                   help="activation boundaries: B * AB between the student's pre-ReLU groups, through learned "
-                        "connectors, and the teacher's, in the init stage only (RepDistiller's weight: 1)")
-    p.add_argument('--ft_beta', default=0, type=float,
-                   help="factor transfer: B * FT between a learned translator's factor of the student's last group "
-                        "and the factor of the teacher's by a paraphraser, itself trained in the init stage to "
-                        "reconstruct that group (RepDistiller's weight: 200)")
-    p.add_argument('--ft_rate', default=0.5, type=float,
-                   help="FT's factor channels per channel of the teacher's last group (RepDistiller's k: 0.5)")
-    p.add_argument('--init_epochs', default=None, type=int,
-                   help=f'epochs of the init stage that AB, FT and FSP train before the main stage (default: '
-                        f'{DEFAULT_INIT_EPOCHS} with one of them, as RepDistiller, else 0; FSP with 0 is a '
-                        f'main-stage term)')
-    p.add_argument('--init_lr', default=None, type=float,
-                   help='constant learning rate of the init stage (default: --lr; RepDistiller uses 0.01 for FT '
-                        'with ResNet and WRN students)')
-    p.add_argument('--ofd_beta', default=0, type=float,
-                   help='overhaul of feature distillation: B * OFD between connected pre-ReLU groups '
-                        "(mdistiller's weight: 1e-3, beside a cross-entropy of weight 1: --alpha 0)")
 
 
 def double_backward(opt):
@@ -453,78 +354,10 @@ class Transfer:
         return {k: w for k, w in weights.items() if k in active}
 
     def add_aux_params(self, params, image_size, train_labels=None):
-        """Runs the networks once on a blank image to learn their groups' shapes, then returns
-        params with the trainable 'aux.' parameters the active methods need (and CRD's memory of
-        the training set whose labels, in dataset order, are `train_labels`)."""
-        o = self.opt
-        dtype = next(v.dtype for v in params.values() if v.is_floating_point())
-        x = torch.zeros(1, 3, image_size, image_size, dtype=dtype)
-        asked = feature_options(self.pooled, self.preact)
-        with torch.no_grad():
-            y_s, g_s, f_s, p_s = with_feature(self.f_s(x, params, False, self.prefix, **asked))
-            _, g_t, f_t, p_t = (with_feature(self.f_t(x, params, 'teacher.', **asked)) if self.f_t
-                                else (None, [], None, None))
-        self.n_groups = len(g_s)
-        if self.f_t and len(g_t) != len(g_s):
-            raise UserError(f'the student has {len(g_s)} groups and the teacher {len(g_t)}; '
-                            f'transfer pairs groups one to one, so both need the same number')
-        aux = {}
-        if o.factt_beta:
-            for g, (s, t) in enumerate(zip(g_s, g_t)):
-                same_size(s, t, g, '--factt_beta')
-                if s.shape[1] != t.shape[1]:
-                    aux[f'factt{g}'] = {'conv': conv_params(s.shape[1], t.shape[1], 1)}
-        if o.fitnet_beta:
-            m = len(g_s) // 2
-            same_size(g_s[m], g_t[m], m, '--fitnet_beta')
-            aux['fitnet'] = {'conv': conv_params(g_s[m].shape[1], g_t[m].shape[1], 3)}
-        if o.aux_weight:
-            for g in AUX_GROUPS:
-                c = g_s[g].shape[1]
-                aux[f'head{g}'] = {'bn': bnparams(c), 'fc': linear_params(c, y_s.shape[1])}
-        aux.update(self.benchmark_aux_params(g_s, f_s, g_t, f_t, p_s=p_s, p_t=p_t))
-        aux.update(self.init_stage_aux_params(g_s, g_t, p_s, p_t))
-        return {**params, **set_requires_grad_except_bn_(flatten(aux, 'aux.')),
-                **self.crd_aux_params(f_s, f_t, train_labels), **self.ofd_aux_params(params, p_s, p_t)}
-
-    def ofd_aux_params(self, params, p_s, p_t):
-        """OFD's connectors and margins (auxiliary.ofd_params). A group's margin is losses.ofd_margin
-        of the teacher BN that f_t.bn_before_relu names for it (mdistiller's get_bn_before_relu),
-        read once here off the teacher's parameters and kept as a buffer (requires_grad False)."""
-        if not self.opt.ofd_beta:
-            return {}
-        names = getattr(self.f_t, 'bn_before_relu', None)
-        if not names or any(f'teacher.{n}.weight' not in params for n in names):
-            raise UserError('--ofd_beta takes its margins from the batch norms before the teacher\'s ReLUs, '
-                            'and this teacher has none to read (ShuffleNets, BN-folded ones); pick another '
-                            'teacher or drop --ofd_beta')
-        for g, (s, t) in enumerate(zip(p_s, p_t)):
-            same_size(s, t, g, '--ofd_beta')
-        margins = [ofd_margin(params[f'teacher.{n}.weight'], params[f'teacher.{n}.bias']) for n in names]
-        aux = set_requires_grad_except_bn_(flatten(auxiliary.ofd_params([s.shape[1] for s in p_s],
-                                                                        [t.shape[1] for t in p_t], margins), 'aux.'))
-        for k, v in aux.items():
-            v.requires_grad_(v.requires_grad and not auxiliary.is_buffer(k))
-        return aux
-
-    def crd_aux_params(self, f_s, f_t, train_labels):
-        """'aux.crd.*' (auxiliary.crd_params) for the N training images of `train_labels`:
-        embeddings to train, memories and Z to update in the forward (requires_grad False)."""
-        o = self.opt
-        if not o.crd_beta:
-            return {}
-        n = len(train_labels)
-        if o.crd_nce_k > n - 1:
-            raise UserError(f'--crd_nce_k {o.crd_nce_k} asks for more negatives per image than the {n} training '
-                            f'images hold besides it ({n - 1}); use --crd_nce_k {n - 1} or fewer')
-        self.crd_classes = auxiliary.crd_classes(train_labels)
-        if self.crd_classes['most_others'] == 0:
-            raise UserError(f'--crd_beta draws its negatives from other classes, and all {n} training images '
-                            f'have one label; train on data of two classes or more, or drop --crd_beta')
-        crd = flatten({'crd': auxiliary.crd_params(f_s.shape[1], f_t.shape[1], o.crd_feat_dim, n)}, 'aux.')
-        for k, v in crd.items():
-            v.requires_grad_(k.split('.')[2] not in auxiliary.CRD_BUFFERS)
-        return crd
+        """params with the 'aux.' entries the active methods need (aux_params.py), built from
+        the networks' shapes; CRD's memory covers the training set of `train_labels`."""
+        import aux_params  # it builds on this module's helpers: imported once this one is whole
+        return aux_params.add_aux_params(self, params, image_size, train_labels)
 
     def crd_term(self, params, y, f_s, f_t, index):
         """CRD of this batch: both pooled features embedded, scored against the memories at the
@@ -539,59 +372,6 @@ class Transfer:
         scores_s, scores_t = auxiliary.crd_scores(e_s, e_t, params, 'aux.crd', contrast, o.crd_nce_t, n)
         auxiliary.crd_update_memory_(e_s.detach(), e_t.detach(), params, 'aux.crd', index, o.crd_nce_m)
         return crd_loss(scores_s, scores_t, n)
-
-    def init_stage_aux_params(self, g_s, g_t, p_s, p_t):
-        """AB's connectors 'ab<g>' from the student's pre-ReLU groups to the teacher's
-        (auxiliary.convreg_params), FT's paraphraser of the teacher's last group and translator
-        of the student's (RepDistiller's Paraphraser and Translator)."""
-        o, aux = self.opt, {}
-        if o.ab_beta:
-            for g, (s, t) in enumerate(zip(p_s, p_t)):
-                if s.shape[2] < t.shape[2] and 2 * s.shape[2] != t.shape[2]:
-                    raise UserError(f'--ab_beta connects group {g}, which is {tuple(s.shape[2:])} in the student and '
-                                    f'{tuple(t.shape[2:])} in the teacher; a connector maps a larger group, or one '
-                                    f'of half the size, to the teacher\'s: pick other networks or drop --ab_beta')
-                aux[f'ab{g}'] = auxiliary.convreg_params(s.shape[1:], t.shape[1:])
-        if o.ft_beta:
-            c_s, c_t = g_s[-1].shape[1], g_t[-1].shape[1]
-            if auxiliary.factor_channels(c_t, o.ft_rate) < 1:
-                raise UserError(f'--ft_rate {o.ft_rate:g} gives FT\'s factors no channels from the teacher\'s {c_t}; '
-                                f'use a rate of at least {1 / c_t:.3g}, e.g. 0.5')
-            aux['ft'] = {'paraphraser': auxiliary.paraphraser_params(c_t, o.ft_rate),
-                         'translator': auxiliary.translator_params(c_s, c_t, o.ft_rate)}
-        return aux
-
-    def benchmark_aux_params(self, g_s, f_s, g_t, f_t, p_s=None, p_t=None):
-        """CC's embeddings (a linear map of each network's pooled feature, RepDistiller's
-        LinearEmbed, which does not normalise) and VID's regressors (RepDistiller's VIDLoss: three
-        1x1 convolutions with ReLUs between, as many middle channels as the teacher's group, and
-        a per-channel log-scale of the predicted variance), ReviewKD's ABF modules (mdistiller's,
-        auxiliary.reviewkd_params) from the student's groups and pooled feature to the teacher's
-        widths. FSP and KDSVD compare matrices whose sides are the groups' channels, so they need
-        the same channel counts in both networks."""
-        o, aux = self.opt, {}
-        for flag, name in (('fsp_beta', 'FSP'), ('kdsvd_beta', 'KDSVD')):
-            if getattr(o, flag):
-                for g, (s, t) in enumerate(zip(g_s, g_t)):
-                    if s.shape[1] != t.shape[1]:
-                        raise UserError(f'--{flag}: {name} compares the groups\' channels one to one, and group {g} '
-                                        f'has {s.shape[1]} in the student and {t.shape[1]} in the teacher; pick '
-                                        f'networks whose groups have equal widths, or drop --{flag}')
-        if o.cc_beta:
-            aux['cc'] = {'embed_s': linear_params(f_s.shape[1], o.cc_dim),
-                         'embed_t': linear_params(f_t.shape[1], o.cc_dim)}
-        if o.vid_beta:
-            # softplus(log_scale) + eps is the variance: start it at VID_INITIAL_VARIANCE
-            log_scale = math.log(math.expm1(VID_INITIAL_VARIANCE - VID_EPS))
-            for g, (s, t) in enumerate(zip(g_s, g_t)):
-                c_s, c_t = s.shape[1], t.shape[1]
-                aux[f'vid{g}'] = {'conv0': conv_params(c_s, c_t), 'conv1': conv_params(c_t, c_t),
-                                  'conv2': conv_params(c_t, c_t), 'log_scale': torch.full((c_t,), log_scale)}
-        if o.reviewkd_beta:  # one ABF module per student level: each group, then the pooled feature
-            aux['reviewkd'] = auxiliary.reviewkd_params([*(s.shape[1] for s in g_s), f_s.shape[1]],
-                                                        [*(t.shape[1] for t in g_t), f_t.shape[1]],
-                                                        o.reviewkd_mid_channels)
-        return aux
 
 
 def feature_options(pooled, preact):

@@ -9,11 +9,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cifar
 from devices import cpu_has_bf16, speed_settings, to_channels_last_
 from errors import UserError
+from members import build_members, join_networks, learning_rate, restore
 from meters import MeanStd
+from method_flags import add_benchmark_method_arguments
 from options import epoch_steps
 from resnet import resnet
-from training import build_members, join_networks, learning_rate, make_steps, restore
-from transfer import add_benchmark_method_arguments
+from training import make_steps
 
 
 def options(**kw):
