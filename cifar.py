@@ -19,9 +19,10 @@ from cohort import start_runs
 from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES, Loader, check_cifar_release, check_cifar_tree, load_cifar
 from devices import uses_channels_last
 from errors import UserError, reports_user_errors
+from members import build_members
 from options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_options, check_paths
 from resnet import resnet
-from training import build_members, train
+from training import train
 from utils import DTYPES, print_tensor_dict
 
 TEACHER_FLAGS = ('teacher_id', 'teacher_params')  # either gives a run its teacher

@@ -14,9 +14,10 @@ from cohort import start_runs
 from devices import uses_channels_last
 from errors import UserError, reports_user_errors
 from imagenet_data import ImageFolderLoader, check_image_folders
+from members import build_members
 from options import IMAGENET_RULES, add_common_arguments, check_options, check_paths
 from resnet import define_student, define_teacher
-from training import build_members, train
+from training import train
 from utils import DTYPES, print_tensor_dict
 
 

@@ -34,10 +34,11 @@ class MeanStd(Metric):
 
 
 def shown_loss(members):
-    """The mean training loss so far this epoch of the first run still training, for the
-    progress bar. Under torchrun each process's running mean holds its share-weighted values,
-    so their sum (one small all-reduce, which every rank must join) is the mean over the global
-    batches: the figure the epoch's train_loss will log."""
+    """The mean training loss so far this epoch of the first of `members` (those taking this
+    step: in an init stage, not every member does) still training, for the progress bar. Under
+    torchrun each process's running mean holds its share-weighted values, so their sum (one
+    small all-reduce, which every rank must join) is the mean over the global batches: the
+    figure the epoch's train_loss will log."""
     meter = next((m.train_meters.metrics['loss'] for m in members if not m.stopped), None)
     value = meter.running_mean() if meter is not None else float('nan')
     # Every rank has the same members stopped and the same steps taken, so all or none reduce.

@@ -33,8 +33,9 @@ import zoo  # noqa: E402
 from cohort import member_runs  # noqa: E402
 from data import Loader  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from members import build_members  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import build_members, train  # noqa: E402
+from training import train  # noqa: E402
 
 COLUMNS = {'student': {}, 'at': {'beta': 1e3}, 'factt': {'factt_beta': 1}, 'kd': {'alpha': 0.9},
            'at_kd': {'alpha': 0.9, 'beta': 1e3, 'beta_decay': 0.2}}
@@ -73,7 +74,7 @@ def row_epoch(cohort, args, data, device):
         train_loader = Loader(*[t.to(device) for t in data['train']], 64, train=True, seed=1, **layout)
         test_loader = Loader(*[t.to(device) for t in data['test']], 64, train=False, **layout)
         built = build_members(runs, lambda: zoo.network('resnet8x4', 100), teacher, image_size=32, device=device,
-                              **layout)
+                              train_labels=train_loader.labels, **layout)
         train(opt, built, train_loader, test_loader, num_classes=100, device=device,
               n_images=(len(data['train'][0]), len(data['test'][0])))
         with open(os.path.join(runs[0].save, 'log.txt')) as log:

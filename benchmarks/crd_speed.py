@@ -27,7 +27,8 @@ import cifar  # noqa: E402
 import zoo  # noqa: E402
 from data import Loader  # noqa: E402
 from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from training import build_members, train  # noqa: E402
+from members import build_members  # noqa: E402
+from training import train  # noqa: E402
 
 PROTOCOL = ['--batch_size', '64', '--crop_padding', 'zero', '--normalization', 'cifar100', '--epoch_step', '[]',
             '--lr', '0.05']

@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagenet  # noqa: E402
 from devices import cpu_has_bf16  # noqa: E402
 from imagenet_data import ImageFiles  # noqa: E402
+from members import build_members  # noqa: E402
 from resnet import IMAGENET_BLOCKS, define_student, fold_batch_norm, teacher_forward  # noqa: E402
-from training import build_members, train  # noqa: E402
+from training import train  # noqa: E402
 
 
 class RandomBatches:

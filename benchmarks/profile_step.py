@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
 from cohort import member_runs  # noqa: E402
 from devices import speed_settings  # noqa: E402
+from members import build_members  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import build_members, make_steps  # noqa: E402
+from training import make_steps  # noqa: E402
 
 
 def step_function(args, device):

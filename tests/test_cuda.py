@@ -10,12 +10,12 @@ import torch
 
 from conftest import ROOT, run_cli
 from data import Loader
+from members import join_networks
 from resnet import define_student, resnet
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_training import cpu_speed, steps_of
 from test_transfer import ALL_FLAGS, wrn_pair
 from test_transfer import options as cifar_options
-from training import join_networks
 from utils import data_parallel
 
 GPU = torch.device('cuda')

@@ -13,9 +13,9 @@ import zoo
 from conftest import run_cli
 from errors import UserError
 from losses import ofd_margin
+from members import join_networks
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_transfer import as_double, assert_sum_trains_student_not_teacher, double_pair, options, workdir  # noqa: F401
-from training import join_networks
 from utils import flatten
 
 # ----------------------------------------------------------------------------------------------

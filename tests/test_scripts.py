@@ -75,27 +75,36 @@ CRD_PAIRS = {('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'), ('resnet56', 'r
 CRD_COLUMNS = {'student': {}, 'kd': {'alpha': 0.9}, 'at': {'beta': 1e3}, 'at_kd': {'alpha': 0.9, 'beta': 1e3},
                'sp': {'sp_beta': 3000}, 'cc': {'cc_beta': 0.02}, 'rkd': {'rkd_beta': 1}, 'pkt': {'pkt_beta': 3e4},
                'nst': {'nst_beta': 50}, 'vid': {'vid_beta': 1}, 'dkd': {'dkd_beta': 1},
-               'fsp': {'fsp_beta': 50}, 'kdsvd': {'kdsvd_beta': 1}}
+               'fsp': {'fsp_beta': 1}, 'kdsvd': {'kdsvd_beta': 1}, 'fitnet': {'fitnet_beta': 100},
+               'ab': {'ab_beta': 1}, 'ft': {'ft_beta': 200}, 'crd': {'crd_beta': 0.8},
+               'crd_kd': {'crd_beta': 0.8, 'kd_beta': 1}, 'ofd': {'ofd_beta': 1e-3}, 'reviewkd': {'reviewkd_beta': 1}}
 CRD_WEIGHTS = ('alpha', 'beta', 'sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'vid_beta', 'dkd_beta',
-               'fsp_beta', 'kdsvd_beta')
+               'fsp_beta', 'kdsvd_beta', 'fitnet_beta', 'ab_beta', 'ft_beta', 'crd_beta', 'kd_beta', 'ofd_beta',
+               'reviewkd_beta')
+INIT_COLUMNS = ('ab', 'ft', 'fsp')  # RepDistiller's 30 init epochs
 # DKD's beta in mdistiller's configs/cifar100/dkd/ (8, its default, for the pairs it has no file for).
 DKD_NCKD = {('resnet56', 'resnet20'): 2, ('resnet110', 'resnet32'): 2, ('wrn_40_2', 'wrn_16_2'): 6,
             ('wrn_40_2', 'wrn_40_1'): 6, ('vgg13', 'vgg8'): 6, ('vgg13', 'MobileNetV2'): 6}
 
 
-def group_widths(arch):
+def group_shapes(arch):
     import torch
 
     import zoo
     f, params = zoo.network(arch, 100)
     with torch.no_grad():
-        return [g.shape[1] for g in f(torch.zeros(1, 3, 32, 32), params, False)[1]]
+        return [g.shape[1:] for g in f(torch.zeros(1, 3, 32, 32), params, False)[1]]
 
 
 @pytest.fixture(scope='module')
 def equal_widths():
-    """The pairs whose groups have the same channel counts: only they can compare FSP and KDSVD."""
-    return {(t, s) for t, s in CRD_PAIRS if group_widths(t) == group_widths(s)}
+    """{column: the pairs it runs on}: FSP and KDSVD compare the groups' channels one to one, FitNet
+    the middle groups' and OFD every group's positions."""
+    shapes = {arch: group_shapes(arch) for pair in CRD_PAIRS for arch in pair}
+    widths = {(t, s) for t, s in CRD_PAIRS if [g[0] for g in shapes[t]] == [g[0] for g in shapes[s]]}
+    sizes = {(t, s) for t, s in CRD_PAIRS if [g[1:] for g in shapes[t]] == [g[1:] for g in shapes[s]]}
+    middle = {(t, s) for t, s in CRD_PAIRS if shapes[t][1][1:] == shapes[s][1][1:]}
+    return {'fsp': widths, 'kdsvd': widths, 'ofd': sizes, 'fitnet': middle}
 
 
 def check_crd_protocol(r, arch):
@@ -115,14 +124,20 @@ def crd_rows(runs, seeds, equal_widths):
         assert r.save == f'logs/crd/{r.arch}_from_{teacher}'
         check_crd_protocol(r, r.arch)
         members = member_runs(r, cifar.CIFAR_RULES, cifar.TEACHER_FLAGS)
-        columns = [c for c in CRD_COLUMNS if c not in ('fsp', 'kdsvd') or (teacher, r.arch) in equal_widths]
+        columns = [c for c in CRD_COLUMNS if c not in equal_widths or (teacher, r.arch) in equal_widths[c]]
         assert sorted((m.save, m.seed) for m in members) == sorted(
             (f'{r.save}/{column}_seed{seed}', seed) for column in columns for seed in seeds)
         for m in members:
             column = os.path.basename(m.save).rsplit('_seed', 1)[0]
-            assert {k: getattr(m, k) for k in CRD_WEIGHTS if getattr(m, k)} == CRD_COLUMNS[column], m.save
+            expected = dict(CRD_COLUMNS[column])
+            if column == 'reviewkd' and (teacher, r.arch) == ('resnet32x4', 'resnet8x4'):
+                expected['reviewkd_beta'] = 5  # mdistiller's one CIFAR-100 file
+            assert {k: getattr(m, k) for k in CRD_WEIGHTS if getattr(m, k)} == expected, m.save
             check_crd_protocol(m, r.arch)
             assert m.dkd_nckd == (DKD_NCKD.get((teacher, r.arch), 8) if column == 'dkd' else 8), m.save
+            assert m.init_epochs == (30 if column in INIT_COLUMNS else 0), m.save
+            ft_lr = 0.01 if r.arch.startswith(('resnet', 'wrn')) else r.lr
+            assert m.init_lr == (ft_lr if column == 'ft' else r.lr if column in INIT_COLUMNS else None), m.save
             assert (m.dkd_alpha, m.dkd_warmup, m.rkd_w_d, m.rkd_w_a, m.kdsvd_k, m.cc_dim, m.logit_stand) == \
                 (1, 20, 25, 50, 1, 128, False)
     assert set(rows) == CRD_PAIRS and len(runs) == len(CRD_PAIRS)

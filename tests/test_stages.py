@@ -41,7 +41,7 @@ def workdir(small_tree, tmp_path_factory):
 
 
 def fresh_student(seed):
-    """The student a run with `seed` starts from (training.build_members seeds, then builds it)."""
+    """The student a run with `seed` starts from (members.build_members seeds, then builds it)."""
     seed_generators(seed)
     return {k: v.double() for k, v in resnet(10, 0.5, 10)[1].items()}
 

@@ -137,7 +137,7 @@ def test_epoch_scalars_name_every_field_of_a_student_line():
 
 
 class Run:
-    """What attach reads of a training.Member."""
+    """What attach reads of a members.Member."""
 
     def __init__(self, opt, start_iteration):
         self.opt, self.start_iteration = opt, start_iteration

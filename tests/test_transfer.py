@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import cifar
 from conftest import run_cli, run_in_process
 from errors import UserError
+from members import join_networks
 from resnet import resnet
 from test_cifar import TINY, checkpoint, expect_user_error, log_lines, ok
-from training import join_networks
 from transfer import Transfer
 from utils import batch_norm
 
