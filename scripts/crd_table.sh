@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The CIFAR-100 distillation benchmark of the CRD paper (Tian et al. 2020), as its code
 # (RepDistiller) runs it: the 13 teacher/student pairs of its tables, each pair's students as one
-# cohort (cifar.py --cohort) with the columns student, KD, AT, AT+KD, the benchmark's other
-# methods (SP, CC, RKD, PKT, NST, VID; FSP and KDSVD where the pair's groups have equal widths)
-# and DKD over $SEEDS, trained in lock-step on the same batches with one teacher forward per
-# batch. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for
+# cohort (cifar.py --cohort) with every column of its table (student, KD, FitNet, AT, SP, CC,
+# VID, RKD, PKT, AB, FT, FSP, NST, CRD, CRD+KD) plus AT+KD, DKD, OFD and ReviewKD, over $SEEDS,
+# trained in lock-step on the same batches with one teacher forward per batch. FitNet and OFD
+# run where the pair's groups have the same spatial sizes, FSP and KDSVD where they have equal
+# widths: the other pairs would be refused. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for
 # MobileNetV2 and the ShuffleNets) divided by 10 at epochs 150, 180 and 210, weight decay 5e-4,
 # random crops of zero-padded images, CIFAR-100's own mean and std.
 #
@@ -55,10 +56,15 @@ source scripts/runs.sh
 # KD 0.9 * KD(T = 4) + 0.1 * CE, AT CE + 1000 * AT, AT+KD both. The student column trains on
 # cross-entropy alone: it has the pair's teacher but gives it no weight.
 # The other methods add their term to CE (RepDistiller's -r 1 -a 0 -b B, run_cifar_distill.sh):
-# SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, FSP 50, VID 1. RepDistiller has no weight for KDSVD;
-# 1 is mdistiller's (CE 1, KDSVD 1 on this benchmark). DKD is mdistiller's: CE + DKD (alpha 1, T 4)
-# warmed up over 20 epochs, with its beta per pair (dkd_nckd below). RepDistiller trains FSP in
-# 30 initialisation epochs instead, and over the stem too: this column adds it to the main training.
+# FitNet 100, SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, VID 1, CRD 0.8; CRD+KD adds KD at
+# weight 1 (-a 1). AB, FT and FSP first train for 30 init epochs (RepDistiller's --init_epochs):
+# AB and FSP only there, their losses summed unweighted (beta 1; RepDistiller's -b weighs a
+# main-stage term its loop sets to 0), FT's paraphraser there (at lr 0.01 for ResNet and WRN
+# students, as RepDistiller; at --lr for the others) and FT at 200 in the main stage. RepDistiller has no weight for KDSVD; 1 is
+# mdistiller's (CE 1, KDSVD 1 on this benchmark). DKD, OFD and ReviewKD are mdistiller's: CE +
+# DKD (alpha 1, T 4) warmed up over 20 epochs with its beta per pair (dkd_nckd below); OFD 1e-3;
+# ReviewKD 5 for resnet32x4 -> resnet8x4 (its one CIFAR-100 file), 1 (its default) elsewhere,
+# warmed up over 20 epochs.
 declare -A METHOD=(
   [student]=''
   [kd]='"alpha": 0.9, "temperature": 4'
@@ -69,9 +75,14 @@ declare -A METHOD=(
   [rkd]='"rkd_beta": 1'
   [pkt]='"pkt_beta": 30000'
   [nst]='"nst_beta": 50'
-  [fsp]='"fsp_beta": 50'
+  [fsp]='"fsp_beta": 1'
   [kdsvd]='"kdsvd_beta": 1'
   [vid]='"vid_beta": 1'
+  [fitnet]='"fitnet_beta": 100'
+  [ab]='"ab_beta": 1'
+  [crd]='"crd_beta": 0.8'
+  [crd_kd]='"crd_beta": 0.8, "kd_beta": 1'
+  [ofd]='"ofd_beta": 0.001'
 )
 
 dkd_nckd() {  # DKD's beta, from mdistiller's configs/cifar100/dkd/ (8, its default, where it has none)
@@ -82,8 +93,21 @@ dkd_nckd() {  # DKD's beta, from mdistiller's configs/cifar100/dkd/ (8, its defa
   esac
 }
 
-columns() {  # FSP and KDSVD compare the groups' channels one to one: pairs of equal widths only
-  echo student kd at at_kd sp cc rkd pkt nst vid dkd
+reviewkd_beta() {  # mdistiller's configs/cifar100/reviewkd.yaml (resnet32x4 -> resnet8x4), else its default
+  case $1 in
+    "resnet32x4 resnet8x4") echo 5 ;;
+    *) echo 1 ;;
+  esac
+}
+
+columns() {  # FSP and KDSVD compare the groups' channels one to one: pairs of equal widths only;
+             # FitNet (the middle group) and OFD (every group) need the same spatial sizes
+  echo student kd at at_kd sp cc rkd pkt nst vid dkd ab ft crd crd_kd reviewkd
+  case $1 in
+    "wrn_40_2 wrn_16_2" | "wrn_40_2 wrn_40_1" | "resnet56 resnet20" | "resnet110 resnet20" | \
+    "resnet110 resnet32" | "resnet32x4 resnet8x4" | "vgg13 vgg8") echo fitnet ofd ;;
+    "vgg13 MobileNetV2") echo fitnet ;;
+  esac
   case $1 in
     "wrn_40_2 wrn_16_2" | "resnet56 resnet20" | "resnet110 resnet20" | "resnet110 resnet32" | \
     "resnet32x4 resnet8x4" | "vgg13 vgg8") echo fsp kdsvd ;;
@@ -111,6 +135,11 @@ for pair in "${PAIRS[@]}"; do
     from=(--teacher_id "crd/teacher_$t")
   fi
   METHOD[dkd]="\"dkd_beta\": 1, \"dkd_nckd\": $(dkd_nckd "$pair"), \"temperature\": 4"
+  case $s in
+    resnet* | wrn_*) METHOD[ft]='"ft_beta": 200, "init_lr": 0.01' ;;
+    *) METHOD[ft]='"ft_beta": 200' ;;
+  esac
+  METHOD[reviewkd]="\"reviewkd_beta\": $(reviewkd_beta "$pair")"
   # shellcheck disable=SC2046  # the column names are words
   cohort "logs/crd/${s}_from_$t" "$(members $(columns "$pair"))" --arch "$s" "${from[@]}" --lr "$(learning_rate "$s")" "${PROTOCOL[@]}" "$@"
 done
