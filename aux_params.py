@@ -37,8 +37,12 @@ def add_aux_params(transfer, params, image_size, train_labels=None):
                 aux[f'factt{g}'] = {'conv': conv_params(s.shape[1], t.shape[1], 1)}
     if o.fitnet_beta:
         m = len(g_s) // 2
-        same_size(g_s[m], g_t[m], m, '--fitnet_beta')
-        aux['fitnet'] = {'conv': conv_params(g_s[m].shape[1], g_t[m].shape[1], 3)}
+        if o.fitnet_regressor == 'convreg':
+            connectable(g_s[m], g_t[m], m, '--fitnet_beta')
+            aux['fitnet'] = auxiliary.convreg_params(g_s[m].shape[1:], g_t[m].shape[1:], always=True)
+        else:
+            same_size(g_s[m], g_t[m], m, '--fitnet_beta')
+            aux['fitnet'] = {'conv': conv_params(g_s[m].shape[1], g_t[m].shape[1], 3)}
     if o.aux_weight:
         for g in AUX_GROUPS:
             c = g_s[g].shape[1]
@@ -94,10 +98,7 @@ def init_stage_aux_params(opt, g_s, g_t, p_s, p_t):
     o, aux = opt, {}
     if o.ab_beta:
         for g, (s, t) in enumerate(zip(p_s, p_t)):
-            if s.shape[2] < t.shape[2] and 2 * s.shape[2] != t.shape[2]:
-                raise UserError(f'--ab_beta connects group {g}, which is {tuple(s.shape[2:])} in the student and '
-                                f'{tuple(t.shape[2:])} in the teacher; a connector maps a larger group, or one '
-                                f'of half the size, to the teacher\'s: pick other networks or drop --ab_beta')
+            connectable(s, t, g, '--ab_beta')
             aux[f'ab{g}'] = auxiliary.convreg_params(s.shape[1:], t.shape[1:])
     if o.ft_beta:
         c_s, c_t = g_s[-1].shape[1], g_t[-1].shape[1]
@@ -139,3 +140,12 @@ def benchmark_aux_params(opt, g_s, f_s, g_t, f_t):
                                                     [*(t.shape[1] for t in g_t), f_t.shape[1]],
                                                     o.reviewkd_mid_channels)
     return aux
+
+
+def connectable(s, t, g, flag):
+    """RepDistiller's ConvReg maps a student group of the teacher's size or larger, or of half
+    its size, to the teacher's shape."""
+    if s.shape[2] < t.shape[2] and 2 * s.shape[2] != t.shape[2]:
+        raise UserError(f'{flag} connects group {g}, which is {tuple(s.shape[2:])} in the student and '
+                        f'{tuple(t.shape[2:])} in the teacher; a connector maps a larger group, or one '
+                        f'of half the size, to the teacher\'s: pick other networks or drop {flag}')

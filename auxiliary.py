@@ -141,15 +141,16 @@ def transposed_conv_with_bias(c_in, c_out, k):
     return torch_conv_params((c_in, c_out, k, k), c_out * k * k, c_out)
 
 
-def convreg_params(shape_s, shape_t):
+def convreg_params(shape_s, shape_t, always=False):
     """AB's connector of one group (RepDistiller's Connector): nothing where the two groups have
     the same channels and size, else its ConvReg without ReLU, a convolution with bias and a BN
     to the teacher's channels: 3x3 with stride 2 ('down') for a student group twice the
     teacher's size, 4x4 transposed with stride 2 ('up') for half its size, else an unpadded
     (1 + H_s - H_t) x (1 + W_s - W_t) convolution ('conv'). shape_*: (C, H, W); the caller
-    refuses a student group smaller than the teacher's other than by half."""
+    refuses a student group smaller than the teacher's other than by half. `always`: a
+    regressor even where the shapes match (FitNets' hint, RepDistiller's ConvReg itself)."""
     (c_s, h_s, w_s), (c_t, h_t, w_t) = shape_s, shape_t
-    if c_s == c_t and h_s == h_t:
+    if c_s == c_t and h_s == h_t and not always:
         return {}
     if h_s == 2 * h_t:
         conv = {'down': conv_with_bias(c_s, c_t, 3)}

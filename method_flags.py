@@ -34,6 +34,9 @@ def add_benchmark_method_arguments(p):
     each (0: off), then each method's own settings under its name."""
     p.add_argument('--sp_beta', default=0, type=float,
                    help="similarity-preserving KD: B * SP between the last groups' batch Gram matrices")
+    p.add_argument('--fitnet_regressor', default='conv', choices=['conv', 'convreg'],
+                   help="FitNets' regressor of the student's middle group: conv (a 3x3 conv) or convreg "
+                        "(RepDistiller's hint ConvReg: conv, BN, ReLU, strided where the sizes differ)")
     p.add_argument('--cc_beta', default=0, type=float,
                    help='correlation congruence: B * CC between learned embeddings of the pooled features')
     p.add_argument('--cc_dim', default=128, type=int, help="size of CC's linear embeddings (RepDistiller's 128)")

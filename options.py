@@ -158,6 +158,7 @@ RULES = {
     'dkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
                        'use the epochs over which DKD warms up, e.g. 20, or 0 for none'),
     'logit_stand': SWITCH_RULE,
+    'fitnet_regressor': choice(['conv', 'convreg']),
     'ft_rate': Rule(NUMBER, lambda v: 0 < v <= 1, 'is outside (0, 1]',
                     "use FT's factor channels per teacher channel, e.g. 0.5 (RepDistiller's k)"),
     'init_epochs': Rule(OPTIONAL_INTEGER, lambda v: v is None or v >= 0, 'is negative',

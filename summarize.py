@@ -40,9 +40,10 @@ NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_b
            'kdsvd_k': 1, 'dkd_alpha': 1, 'dkd_nckd': 8, 'dkd_warmup': 20, 'logit_stand': False,
            'reviewkd_beta': 0, 'reviewkd_warmup': 20, 'reviewkd_mid_channels': 512, 'ofd_beta': 0,
            'kd_beta': 0, 'crd_beta': 0, 'crd_feat_dim': 128, 'crd_nce_k': 16384, 'crd_nce_t': 0.07, 'crd_nce_m': 0.5,
-           'ab_beta': 0, 'ft_beta': 0, 'ft_rate': 0.5, 'init_epochs': 0, 'init_lr': None}
+           'fitnet_regressor': 'conv', 'ab_beta': 0, 'ft_beta': 0, 'ft_rate': 0.5, 'init_epochs': 0, 'init_lr': None}
 # The settings of those methods (transfer.BENCHMARK_SETTINGS), shown beside the weights when changed.
-METHOD_SETTINGS = ('cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd', 'dkd_warmup', 'logit_stand',
+METHOD_SETTINGS = ('fitnet_regressor', 'cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd',
+                   'dkd_warmup', 'logit_stand',
                    'reviewkd_warmup', 'reviewkd_mid_channels', 'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m',
                    'ft_rate')
 # The weights of the terms that compare the student with its teacher.

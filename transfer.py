@@ -78,7 +78,8 @@ WEIGHT_FLAGS = ('beta', 'grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta', 'c
                 *BENCHMARK_WEIGHTS)
 NEEDS_TEACHER = ('grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', *BENCHMARK_WEIGHTS)
 # The settings of those methods, as they enter the loss terms (cohort members may differ in them).
-BENCHMARK_SETTINGS = ('cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd', 'dkd_warmup',
+BENCHMARK_SETTINGS = ('fitnet_regressor', 'cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd',
+                      'dkd_warmup',
                       'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
                       'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m', 'ft_rate')
 # RepDistiller's VIDLoss starts each channel's predicted variance at 5.
@@ -191,7 +192,7 @@ class Transfer:
             if teacher is None:
                 teacher = self.teacher_outputs(x, y, params, mode and bool(o.grad_beta))
             y_t, g_t, j_t, f_t, p_t = teacher
-            terms = self.teacher_terms(params, y, y_s, g_s, y_t, g_t)
+            terms = self.teacher_terms(params, y, y_s, g_s, y_t, g_t, mode)
             terms.update(self.benchmark_terms(params, y, y_s, g_s, f_s, y_t, g_t, f_t, p_s=p_s, p_t=p_t, mode=mode))
             if o.ft_beta:
                 terms['ft'] = self.ft_term(params, g_s, g_t, mode)
@@ -211,7 +212,7 @@ class Transfer:
             terms['crd'] = self.crd_term(params, y, f_s, f_t, index)
         return y_s, terms
 
-    def teacher_terms(self, params, y, y_s, g_s, y_t, g_t):
+    def teacher_terms(self, params, y, y_s, g_s, y_t, g_t, mode=False):
         """The terms that compare the student with the teacher."""
         o = self.opt
         terms = {'distillation': distillation(at_least_fp32(y_s), at_least_fp32(y_t), y,
@@ -228,7 +229,11 @@ class Transfer:
                 terms[f'factt{g}'] = feature_distance(s, t)
         if o.fitnet_beta:
             m = len(g_s) // 2
-            terms['fitnet'] = feature_distance(F.conv2d(g_s[m], params['aux.fitnet.conv'], padding=1), g_t[m])
+            if o.fitnet_regressor == 'convreg':  # RepDistiller's hint regressor: conv, BN, ReLU
+                hint = F.relu(auxiliary.convreg(g_s[m], params, 'aux.fitnet', mode))
+            else:
+                hint = F.conv2d(g_s[m], params['aux.fitnet.conv'], padding=1)
+            terms['fitnet'] = feature_distance(hint, g_t[m])
         if o.cos_beta:
             terms['cos'] = cosine_loss(g_s[-1], g_t[-1])
         return terms

@@ -42,7 +42,8 @@ COLUMNS = {'student': {}, 'at': {'beta': 1e3}, 'factt': {'factt_beta': 1}, 'kd':
 
 # Every method of the CRD benchmark's table and mdistiller's, with RepDistiller's weights
 # (scripts/crd_table.sh has the same columns).
-ROW = {'student': {}, 'kd': {'alpha': 0.9}, 'fitnet': {'fitnet_beta': 100}, 'at': {'beta': 1e3},
+ROW = {'student': {}, 'kd': {'alpha': 0.9}, 'fitnet': {'fitnet_beta': 100, 'fitnet_regressor': 'convreg'},
+       'at': {'beta': 1e3},
        'at_kd': {'alpha': 0.9, 'beta': 1e3}, 'sp': {'sp_beta': 3000}, 'cc': {'cc_beta': 0.02},
        'vid': {'vid_beta': 1}, 'rkd': {'rkd_beta': 1}, 'pkt': {'pkt_beta': 30000}, 'ab': {'ab_beta': 1},
        'ft': {'ft_beta': 200}, 'fsp': {'fsp_beta': 1}, 'nst': {'nst_beta': 50}, 'crd': {'crd_beta': 0.8},
@@ -54,6 +55,18 @@ INIT_METHODS = ('ab_beta', 'ft_beta', 'fsp_beta')
 def row_member(name, init_epochs):
     extra = {'init_epochs': init_epochs} if any(k in ROW[name] for k in INIT_METHODS) else {}
     return {'name': name, 'seed': 1, **ROW[name], **extra}
+
+
+def calibrate_batch_norms(f, params, images, steps=30):
+    """Running statistics for a random network's batch norms, as training would leave them: at
+    their initial mean 0 and variance 1 a deep residual network's activations grow block by
+    block in inference mode, and the feature methods (FitNet, VID, ...) of a teacher that large
+    diverge at once, which a trained teacher's would not."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = images[torch.randint(len(images), (64,), generator=generator)]
+            f((batch.float() / 255 - 0.5) / 0.25, params, True)
 
 
 def row_epoch(cohort, args, data, device):
@@ -69,6 +82,7 @@ def row_epoch(cohort, args, data, device):
             run.data_seed = opt.data_seed
         torch.manual_seed(0)
         f_t, p_t = zoo.network('resnet32x4', 100)
+        calibrate_batch_norms(f_t, p_t, data['train'][0])
         teacher = (cifar.teacher_function(f_t), {k: v.requires_grad_(False) for k, v in p_t.items()})
         layout = dict(channels_last=uses_channels_last(opt))
         train_loader = Loader(*[t.to(device) for t in data['train']], 64, train=True, seed=1, **layout)

@@ -3,9 +3,9 @@
 # (RepDistiller) runs it: the 13 teacher/student pairs of its tables, each pair's students as one
 # cohort (cifar.py --cohort) with every column of its table (student, KD, FitNet, AT, SP, CC,
 # VID, RKD, PKT, AB, FT, FSP, NST, CRD, CRD+KD) plus AT+KD, DKD, OFD and ReviewKD, over $SEEDS,
-# trained in lock-step on the same batches with one teacher forward per batch. FitNet and OFD
-# run where the pair's groups have the same spatial sizes, FSP and KDSVD where they have equal
-# widths: the other pairs would be refused. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for
+# trained in lock-step on the same batches with one teacher forward per batch. OFD runs where
+# the pair's groups have the same spatial sizes, FSP and KDSVD where they have equal widths: the
+# other pairs would be refused. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for
 # MobileNetV2 and the ShuffleNets) divided by 10 at epochs 150, 180 and 210, weight decay 5e-4,
 # random crops of zero-padded images, CIFAR-100's own mean and std.
 #
@@ -56,7 +56,7 @@ source scripts/runs.sh
 # KD 0.9 * KD(T = 4) + 0.1 * CE, AT CE + 1000 * AT, AT+KD both. The student column trains on
 # cross-entropy alone: it has the pair's teacher but gives it no weight.
 # The other methods add their term to CE (RepDistiller's -r 1 -a 0 -b B, run_cifar_distill.sh):
-# FitNet 100, SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, VID 1, CRD 0.8; CRD+KD adds KD at
+# FitNet 100 (through RepDistiller's ConvReg regressor), SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, VID 1, CRD 0.8; CRD+KD adds KD at
 # weight 1 (-a 1). AB, FT and FSP first train for 30 init epochs (RepDistiller's --init_epochs):
 # AB and FSP only there, their losses summed unweighted (beta 1; RepDistiller's -b weighs a
 # main-stage term its loop sets to 0), FT's paraphraser there (at lr 0.01 for ResNet and WRN
@@ -78,7 +78,7 @@ declare -A METHOD=(
   [fsp]='"fsp_beta": 1'
   [kdsvd]='"kdsvd_beta": 1'
   [vid]='"vid_beta": 1'
-  [fitnet]='"fitnet_beta": 100'
+  [fitnet]='"fitnet_beta": 100, "fitnet_regressor": "convreg"'
   [ab]='"ab_beta": 1'
   [crd]='"crd_beta": 0.8'
   [crd_kd]='"crd_beta": 0.8, "kd_beta": 1'
@@ -101,12 +101,11 @@ reviewkd_beta() {  # mdistiller's configs/cifar100/reviewkd.yaml (resnet32x4 -> 
 }
 
 columns() {  # FSP and KDSVD compare the groups' channels one to one: pairs of equal widths only;
-             # FitNet (the middle group) and OFD (every group) need the same spatial sizes
-  echo student kd at at_kd sp cc rkd pkt nst vid dkd ab ft crd crd_kd reviewkd
+             # OFD needs groups of the same spatial sizes
+  echo student kd fitnet at at_kd sp cc rkd pkt nst vid dkd ab ft crd crd_kd reviewkd
   case $1 in
     "wrn_40_2 wrn_16_2" | "wrn_40_2 wrn_40_1" | "resnet56 resnet20" | "resnet110 resnet20" | \
-    "resnet110 resnet32" | "resnet32x4 resnet8x4" | "vgg13 vgg8") echo fitnet ofd ;;
-    "vgg13 MobileNetV2") echo fitnet ;;
+    "resnet110 resnet32" | "resnet32x4 resnet8x4" | "vgg13 vgg8") echo ofd ;;
   esac
   case $1 in
     "wrn_40_2 wrn_16_2" | "resnet56 resnet20" | "resnet110 resnet20" | "resnet110 resnet32" | \

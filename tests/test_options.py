@@ -285,6 +285,8 @@ DIRECT_CASES = [
     (RULES, 'seed', 1.5, '--seed 1.5 is not a whole number'),
     (RULES, 'seed', False, '--seed False is not a whole number'),
     (RULES, 'at_form', 'Paper', "--at_form 'Paper' is not one of the choices; use one of code, paper"),
+    (RULES, 'fitnet_regressor', 'ConvReg',
+     "--fitnet_regressor 'ConvReg' is not one of the choices; use one of conv, convreg"),
     (RULES, 'compile', 'yes', "--compile 'yes' is not one of the choices"),
     (RULES, 'compile_mode', 'max', "--compile_mode 'max' is not one of the choices"),
     (RULES, 'precision', 'fp16', "--precision 'fp16' is not one of the choices; use one of auto, bf16, fp32"),

@@ -432,3 +432,28 @@ def test_fsp_with_other_widths_is_a_one_line_error_that_writes_nothing(image_tre
                       "--fsp_beta: FSP compares the groups' channels one to one, and group 0 has 8 in the student "
                       "and 16 in the teacher")
     assert sorted(os.listdir(workdir / 'logs')) == before
+
+
+@pytest.mark.parametrize('teacher_width', [1, 2])
+def test_fitnet_convreg_is_repdistillers_hint_regressor(teacher_width):
+    """--fitnet_regressor convreg: the middle group through RepDistiller's ConvReg (conv with
+    bias, BN, ReLU; a 1x1 conv at equal sizes) against the teacher's, mean squared error; here
+    from a WRN-10-0.5 student to a WRN-10-1/2 teacher (16 -> 32/64 channels, 16x16)."""
+    f_s, p_s, teacher = wrn_pair(teacher_width=teacher_width)
+    opt = options('--teacher_id', 'x', '--fitnet_beta', 100, '--fitnet_regressor', 'convreg')
+    transfer, params = join_networks(opt, f_s, p_s, teacher)
+    params = {k: v.double() for k, v in params.items()}
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    _, terms = transfer(x, y, params, True)
+    g_s = f_s(x, {k[len('student.'):]: v for k, v in params.items() if k.startswith('student.')}, True)[1][1]
+    g_t = teacher[0](x, {k[len('teacher.'):]: v for k, v in params.items() if k.startswith('teacher.')}, '')[1][1]
+    conv = torch.nn.Conv2d(g_s.shape[1], g_t.shape[1], 1).double()
+    bn = torch.nn.BatchNorm2d(g_t.shape[1]).double()
+    with torch.no_grad():
+        conv.weight.copy_(params['aux.fitnet.conv.weight'])
+        conv.bias.copy_(params['aux.fitnet.conv.bias'])
+        bn.weight.copy_(params['aux.fitnet.bn.weight'])
+        bn.bias.copy_(params['aux.fitnet.bn.bias'])
+    reference = torch.nn.functional.mse_loss(torch.relu(bn(conv(g_s))), g_t)
+    assert torch.allclose(terms['fitnet'], reference, rtol=1e-12, atol=0)
+    assert params['aux.fitnet.conv.weight'].requires_grad and not params['aux.fitnet.bn.running_mean'].requires_grad
