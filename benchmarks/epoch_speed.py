@@ -112,11 +112,11 @@ def last_epoch(flags, mode, data, device, teacher_width=2):
     with tempfile.TemporaryDirectory() as tmp:
         opt = cifar.parse_args(['--save', os.path.join(tmp, 'run'), '--seed', '0', '--data_seed', '0'] + flags)
         f_s, p_s, teacher = networks(mode, teacher_width)
-        members = build_members([opt], lambda: (f_s, p_s), teacher, image_size=32, device=device,
-                                channels_last=uses_channels_last(opt))
         layout = dict(channels_last=uses_channels_last(opt))
         train_loader = Loader(*[t.to(device) for t in data['train']], 128, train=True, seed=0, **layout)
         test_loader = Loader(*[t.to(device) for t in data['test']], 128, train=False, **layout)
+        members = build_members([opt], lambda: (f_s, p_s), teacher, image_size=32, device=device,
+                                train_labels=train_loader.labels, **layout)
         train(opt, members, train_loader, test_loader, num_classes=10, device=device)
         with open(os.path.join(tmp, 'run', 'log.txt')) as log:
             return json.loads(log.readlines()[-1][len('json_stats: '):])
