@@ -43,9 +43,8 @@ NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_b
            'fitnet_regressor': 'conv', 'ab_beta': 0, 'ft_beta': 0, 'ft_rate': 0.5, 'init_epochs': 0, 'init_lr': None}
 # The settings of those methods (transfer.BENCHMARK_SETTINGS), shown beside the weights when changed.
 METHOD_SETTINGS = ('fitnet_regressor', 'cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd',
-                   'dkd_warmup', 'logit_stand',
-                   'reviewkd_warmup', 'reviewkd_mid_channels', 'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m',
-                   'ft_rate')
+                   'dkd_warmup', 'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
+                   'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m', 'ft_rate')
 # The weights of the terms that compare the student with its teacher.
 TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'sp_beta', 'cc_beta',
                    'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta', 'vid_beta', 'dkd_beta',

@@ -79,8 +79,7 @@ WEIGHT_FLAGS = ('beta', 'grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta', 'c
 NEEDS_TEACHER = ('grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', *BENCHMARK_WEIGHTS)
 # The settings of those methods, as they enter the loss terms (cohort members may differ in them).
 BENCHMARK_SETTINGS = ('fitnet_regressor', 'cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd',
-                      'dkd_warmup',
-                      'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
+                      'dkd_warmup', 'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
                       'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m', 'ft_rate')
 # RepDistiller's VIDLoss starts each channel's predicted variance at 5.
 VID_INITIAL_VARIANCE, VID_EPS = 5.0, 1e-5
