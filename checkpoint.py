@@ -1,10 +1,11 @@
 """Run directories: `model.pt7` checkpoints and `log.txt` JSON logs.
 
 A checkpoint is {'params': {name: tensor}, 'optimizer': optimizer.state_dict(), 'epoch': int},
-the reference code's layout, so files written by either load in the other; ours add what makes
-a continuation identical ('iteration', 'rng', 'lr', 'options') and 'log', the log.txt line of
-its last completed epoch, which a resume writes back if the log lost it; the reference code
-ignores them. A run with an init stage (AB, FT, FSP) also has 'init_epochs', its length, and
+the reference code's layout, so files written by either load in the other. Ours name the
+parameters of the optimizer's state ('param_names'), so that a resume matches them by name, and
+add what makes a continuation identical ('iteration', 'rng', 'lr', 'options') and 'log', the
+log.txt line of its last completed epoch, which a resume writes back if the log lost it; the
+reference code ignores them. A run with an init stage also has 'init_epochs', its length, and
 'init_epochs_done'; its 'epoch' counts main-stage epochs and 'iteration' the steps of both. It
 holds only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)` reads it,
 and that is the only way files are loaded here (a pickle from elsewhere cannot run code).
@@ -43,7 +44,7 @@ def save_checkpoint(run_dir, params, optimizer, epoch, **extra):
     memory first so that a full disk surfaces as one OSError from a plain write, not as
     whichever assertion of the zip writer the short write trips."""
     state = {'params': {k: v.detach() for k, v in params.items()},
-             'optimizer': optimizer.state_dict(), 'epoch': epoch, **extra}
+             'optimizer': named_state(optimizer, params), 'epoch': epoch, **extra}
     path = os.path.join(run_dir, CHECKPOINT)
     temporary = os.path.join(run_dir, f'{TEMPORARY_PREFIX}{os.getpid()}{TEMPORARY_SUFFIX}')
     try:
@@ -62,6 +63,18 @@ def save_checkpoint(run_dir, params, optimizer, epoch, **extra):
             os.remove(temporary)
         except FileNotFoundError:
             pass
+
+
+def named_state(optimizer, params):
+    """The optimizer's state_dict with the name of each parameter it trains beside its index
+    ('param_names', as torch's own optimizers write it when given names), so that a resume matches
+    the state to parameters by name, whatever order a later version builds them in. The optimizer
+    trains the tensors of `params` that require gradients, in the dict's order."""
+    state = optimizer.state_dict()
+    names = iter([k for k, v in params.items() if v.requires_grad])
+    for group in state['param_groups']:
+        group['param_names'] = [next(names) for _ in group['params']]
+    return state
 
 
 def fsync_folder(folder):
@@ -130,7 +143,7 @@ def is_text(path):
 def network_params(params, role='student'):
     """One network's tensors from a checkpoint's params: a student run holds its 'student.' and
     'teacher.' networks, a run without teacher holds plain names (its teacher is then empty).
-    'aux.' tensors (F-ActT and FitNet regressors, auxiliary heads) serve training only and are
+    'aux.' tensors (the parts methods learn beside the student) serve training only and are
     part of neither network."""
     params = {k: v for k, v in params.items() if not k.startswith('aux.')}
     if not any(k.startswith('student.') for k in params):
@@ -168,19 +181,49 @@ def check_finite(tensors, source, fix):
             raise UserError(f'{source}: {name} holds {what} values; {fix}')
 
 
-def load_optimizer_state(optimizer, state, source):
-    """Restores optimizer state after checking that its momentum buffers fit the parameters."""
+def load_optimizer_state(optimizer, state, source, names=None, saved_params=None):
+    """Restores optimizer state after checking that its momentum buffers fit the parameters.
+    With `names`, those of the optimizer's parameters in its order, the saved state is matched to
+    them by name: the names the checkpoint gives its state (named_state), or for a checkpoint
+    without them (the reference code's, or older), the order of its own `saved_params`, which is
+    the order its optimizer was built in. Without, by position."""
     trainable = [p for g in optimizer.param_groups for p in g['params']]
     saved_ids = [i for g in state.get('param_groups', []) for i in g['params']]
     if len(saved_ids) != len(trainable):
         raise UserError(f'{source}: optimizer state holds {len(saved_ids)} parameters, this model '
                         f'trains {len(trainable)}; resume with the options of the run that wrote it')
-    for p, i in zip(trainable, saved_ids):
+    shown = names or saved_ids
+    if names is not None:
+        order = saved_param_names(state, saved_params, names)
+        missing = [n for n in names if n not in order]
+        if missing:
+            raise UserError(f'{source}: optimizer state has none for {missing[0]}; resume with the options of the '
+                            f'run that wrote it')
+        position = {n: i for n, i in zip(order, saved_ids)}
+        saved_ids = [position[n] for n in names]
+    for p, i, name in zip(trainable, saved_ids, shown):
         buf = state.get('state', {}).get(i, {}).get('momentum_buffer')
         if buf is not None and tuple(buf.shape) != tuple(p.shape):
-            raise UserError(f'{source}: optimizer state for parameter {i} has shape '
+            raise UserError(f'{source}: optimizer state for {"parameter " if names is None else ""}{name} has shape '
                             f'{tuple(buf.shape)}, expected {tuple(p.shape)}')
-    optimizer.load_state_dict(state)
+    saved = state.get('state', {})
+    start, groups = 0, []
+    for saved_group, group in zip(state['param_groups'], optimizer.param_groups):
+        n = len(group['params'])
+        groups.append({**{k: v for k, v in saved_group.items() if k not in ('params', 'param_names')},
+                       'params': list(range(start, start + n))})
+        start += n
+    optimizer.load_state_dict({'state': {new: saved[old] for new, old in enumerate(saved_ids) if old in saved},
+                               'param_groups': groups})
+
+
+def saved_param_names(state, saved_params, names):
+    """The names of a saved optimizer state's parameters, in its order."""
+    groups = state.get('param_groups', [])
+    if groups and all('param_names' in g for g in groups):
+        return [n for g in groups for n in g['param_names']]
+    trainable = set(names)
+    return [k for k in (saved_params or {}) if k in trainable]
 
 
 def read_log(run_dir):

@@ -19,18 +19,17 @@ import numpy as np
 import torch
 
 import distributed
+import methods
 from checkpoint import CHECKPOINT, LOG, load_checkpoint
 from devices import choose_device
 from errors import UserError
 from options import check_run_options, resolve_init_stage
 from run_lock import lock_run_dir
-from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
 
-# What may differ between the members of a cohort: the loss and the initialisation. Everything
-# else (architecture, teacher, data, schedule, precision) is shared.
-MEMBER_OPTIONS = ('seed', 'alpha', 'beta', 'temperature', 'beta_decay', 'at_p', 'at_form', 'grad_beta',
-                  'sym_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS,
-                  *BENCHMARK_SETTINGS, 'init_epochs', 'init_lr')
+# What may differ between the members of a cohort: the loss (every flag of the transfer methods and
+# their init stage) and the initialisation. Everything else (architecture, teacher, data, schedule,
+# precision) is shared.
+MEMBER_OPTIONS = ('seed', *(f.name for f in methods.flags()))
 
 
 def read_members(text):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 
 import distributed
+import methods
 from errors import UserError
-from transfer import double_backward
 
 
 def choose_device(opt):
@@ -98,7 +98,7 @@ def speed_settings(opt, device, epochs_to_run):
     # leaves those members uncompiled); batches split over GPUs (--ngpu) or processes
     # (torchrun) run eagerly: neither has been measured compiled, and the collectives inside
     # synchronised batch norm would split the graph.
-    compile = fast and not double_backward(opt) and opt.ngpu == 1 and not distributed.active() and \
+    compile = fast and not methods.double_backward(opt) and opt.ngpu == 1 and not distributed.active() and \
         (opt.compile == 'on' or (opt.compile == 'auto' and epochs_to_run >= 10))
     if device.type == 'cuda':
         # TF32 rounds fp32 matmul and convolution inputs to 10 mantissa bits: fast, but not the

@@ -135,7 +135,7 @@ class ImageFolderLoader:
     def __init__(self, root, batch_size, train, *, seed=0, nthread=4, device=torch.device('cpu'),
                  dtype=torch.float32, channels_last=False):
         paths, labels, self.classes = list_image_folder(root)
-        self.labels = torch.tensor(labels)  # of every image, in dataset order (CRD's negatives read them)
+        self.labels = torch.tensor(labels)  # of every image, in dataset order (a method may keep a memory of them)
         self.batch_size = batch_size
         self.order = EpochOrder(len(paths), batch_size, shuffle=train, seed=seed)
         workers = dict(num_workers=nthread, persistent_workers=True, prefetch_factor=4) if nthread > 0 else {}

@@ -14,30 +14,32 @@ from checkpoint import (
     load_checkpoint,
     load_optimizer_state,
     repair_log,
+    saved_param_names,
     set_rng_state,
 )
 from cohort import seed_generators
 from meters import Meters
+from methods.base import step_schedule
+from objective import Objective, kind
 from stopping import NonFiniteWatch
-from transfer import Transfer, kind, step_schedule
 from utils import cast
 
 # ----------------------------------------------------------------------------------------------
 # What is optimised
 
 def join_networks(opt, f_s, params_s, teacher=None, image_size=32, train_labels=None):
-    """(transfer, params) to train: the objective of transfer.py over the student alone, or over
+    """(objective, params) to train: the objective (objective.py) over the student alone, or over
     student and teacher (f_t, params_t) in one dict under 'student.' and 'teacher.' prefixes,
-    plus whatever 'aux.' parameters the chosen methods train (CRD's need `train_labels`, the
-    training set's labels in dataset order)."""
+    plus whatever 'aux.' parameters the chosen methods train (a method may keep something per
+    training image: `train_labels`, the training set's labels in dataset order)."""
     if teacher is None:
-        transfer, params = Transfer(opt, f_s), params_s
+        objective, params = Objective(opt, f_s), params_s
     else:
         f_t, params_t = teacher
-        transfer = Transfer(opt, f_s, f_t)
+        objective = Objective(opt, f_s, f_t)
         params = {**{'student.' + k: v for k, v in params_s.items()},
                   **{'teacher.' + k: v for k, v in params_t.items()}}
-    return transfer, transfer.add_aux_params(params, image_size, train_labels)
+    return objective, objective.add_parts(params, image_size, train_labels)
 
 
 def learning_rate(opt, epoch, epoch_step):
@@ -52,13 +54,13 @@ class Member:
     """One run: its options (its own directory, seed and loss options), student (and the shared
     teacher) in one parameter dict, optimizer, meters and divergence watch."""
 
-    def __init__(self, opt, transfer, params, n_parameters):
-        self.opt, self.transfer, self.params, self.n_parameters = opt, transfer, params, n_parameters
+    def __init__(self, opt, objective, params, n_parameters):
+        self.opt, self.objective, self.params, self.n_parameters = opt, objective, params, n_parameters
         self.name = os.path.basename(opt.save) if opt.cohort else opt.save
         self.trainable = [v for v in params.values() if v.requires_grad]
         self.stopped = None  # why the run stopped early, once it has
         self.evaluating = False
-        # Its own timeline is its init stage (--init_epochs, AB, FT and FSP) and then its main
+        # Its own timeline is its init stage (--init_epochs) and then its main
         # stage. A cohort runs the longest init stage of its members: a run with a shorter one
         # sits out the first idle_epochs, so every main stage falls on the same epochs.
         self.init_epochs = getattr(opt, 'init_epochs', None) or 0
@@ -73,11 +75,11 @@ class Member:
         self.optimizer = torch.optim.SGD(self.trainable, self.opt.lr, momentum=0.9,
                                          weight_decay=self.opt.weight_decay, fused=fused or None)
         # Each stage has its own terms, so its own meters and divergence watch.
-        self.meters = {'main': Meters(self.transfer.term_names(), topk, device)}
+        self.meters = {'main': Meters(self.objective.term_names(), topk, device)}
         self.watches = {'main': NonFiniteWatch(device)}
         if self.init_epochs:
-            self.meters['init'] = Meters(self.transfer.term_names(stage='init'), topk, device,
-                                         accuracy=self.transfer.student_runs('init'))
+            self.meters['init'] = Meters(self.objective.term_names(stage='init'), topk, device,
+                                         accuracy=self.objective.student_runs('init'))
             self.watches['init'] = NonFiniteWatch(device)
         self.train_meters, self.watch = self.meters['main'], self.watches['main']
         self.eval_meters = Meters([], topk, device)
@@ -144,7 +146,7 @@ def build_members(runs, make_student, teacher, *, image_size, device, channels_l
     """A Member for each run's options: its student initialised from its own seed exactly as a
     single run with that seed is (auxiliary parameters included), all of them sharing one copy
     of the teacher on the device. `train_labels` (the training set's, in dataset order) reach the
-    methods that keep something per training image (CRD)."""
+    methods that keep something per training image."""
     dtype = runs[0].dtype
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -159,8 +161,8 @@ def build_members(runs, make_student, teacher, *, image_size, device, channels_l
         f_s, params_s = make_student()
         n_parameters = sum(p.numel() for p in params_s.values())
         labels = None if train_labels is None else train_labels.to(device)
-        transfer, params = join_networks(run, f_s, params_s, teacher, image_size, labels)
-        members.append(Member(run, transfer, {k: shared[k] if k in shared else place(v)
+        objective, params = join_networks(run, f_s, params_s, teacher, image_size, labels)
+        members.append(Member(run, objective, {k: shared[k] if k in shared else place(v)
                                               for k, v in params.items()}, n_parameters))
     return members
 
@@ -171,7 +173,7 @@ def restore(state, params, optimizer, fused, source):
     check_resumed_state_finite(state, params, source)
     copy_params_(params, state['params'], source)
     if state['optimizer'] is not None:
-        load_optimizer_state(optimizer, state['optimizer'], source)
+        load_optimizer_state(optimizer, state['optimizer'], source, trainable_names(params), state['params'])
         for group in optimizer.param_groups:  # the file's choice of kernel is not ours
             group.update(fused=fused or None, foreach=None)
             for p in group['params']:
@@ -184,6 +186,11 @@ def restore(state, params, optimizer, fused, source):
         set_rng_state(state['rng'])
 
 
+def trainable_names(params):
+    """The names of the tensors the optimizer trains, in its order."""
+    return [k for k, v in params.items() if v.requires_grad]
+
+
 def check_resumed_state_finite(state, params, source):
     """A checkpoint written after its run had diverged (by the reference code, or before the
     divergence check existed) would diverge again at once, reported as a new divergence."""
@@ -191,6 +198,6 @@ def check_resumed_state_finite(state, params, source):
     check_finite({k: v for k, v in state['params'].items() if k in params}, source, fix)
     saved = state['optimizer'] or {}
     ids = [i for group in saved.get('param_groups', []) for i in group['params']]
-    names = dict(zip(ids, (k for k, v in params.items() if v.requires_grad)))  # the optimizer's order
+    names = dict(zip(ids, saved_param_names(saved, state['params'], trainable_names(params))))
     check_finite({f'the momentum of {names.get(i, i)}': s.get('momentum_buffer')
                   for i, s in saved.get('state', {}).items() if isinstance(s, dict)}, source, fix)

@@ -50,7 +50,7 @@ class Meters:
     MeanStd per loss term, fed from the step's output for that run."""
 
     def __init__(self, term_names, topk, device, accuracy=True):
-        # accuracy False: steps that give no logits (FT's init stage trains only its paraphraser)
+        # accuracy False: steps that give no logits (an init stage that trains a method's own parts only)
         self.metrics = {'loss': MeanStd(lambda o: (o['loss'], o['share']), device)}
         if accuracy:
             self.metrics['top1'] = Accuracy(lambda o: (o['y_pred'], o['y']), device=device)

@@ -10,49 +10,33 @@ involve several flags; `check_paths` looks at the files and folders the options 
 reading any data or writing anything.
 """
 import json
-import math
 import os
 import re
-from collections import namedtuple
+from types import SimpleNamespace
 
 import distributed
+import methods
 import tensorboard_log
 from checkpoint import CHECKPOINT, LOG, read_log
 from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
 from devices import cpu_has_bf16
 from errors import UserError
-from method_flags import add_transfer_loss_arguments
+from methods.base import DEFAULT_INIT_EPOCHS
 from resnet import IMAGENET_BLOCKS, wrn_block_count
-from transfer import (
-    DEFAULT_INIT_EPOCHS,
-    INIT_METHODS,
-    NEEDS_TEACHER,
-    PREACT_METHODS,
-    WEIGHT_FLAGS,
-    double_backward,
+from rules import (
+    ANY_TEXT,
+    INTEGER,
+    NUMBER,
+    OPTIONAL_INTEGER,
+    SWITCH_RULE,
+    TEXT,
+    Rule,
+    choice,
 )
+from rules import check_option as check_rule
 from utils import DTYPES
 from zoo import ARCHS
 
-Kind = namedtuple('Kind', 'types name')
-# bool is an int to Python, but `--alpha true` in JSON is a mistake, not the number 1.
-NUMBER = Kind((int, float), 'a number')
-INTEGER = Kind((int,), 'a whole number')
-OPTIONAL_INTEGER = Kind((int, type(None)), 'a whole number')
-OPTIONAL_NUMBER = Kind((int, float, type(None)), 'a number')
-TEXT = Kind((str,), 'text')
-SWITCH = Kind((bool,), 'true or false')
-
-Rule = namedtuple('Rule', 'kind test problem accepted')
-
-
-def choice(values):
-    return Rule(TEXT, lambda v: v in values, 'is not one of the choices', f'use one of {", ".join(values)}')
-
-
-ANY_TEXT = Rule(TEXT, lambda v: True, '', '')
-SWITCH_RULE = Rule(SWITCH, lambda v: True, '', '')
-LOSS_WEIGHT = Rule(NUMBER, lambda v: v >= 0, 'is negative', 'a loss weight is 0 (off) or positive')
 # numpy's legacy generator takes seeds below 2**32, and the loaders seed torch generators with
 # seed * 100003 + epoch, which must stay below 2**64: 2**32 keeps both. A drawn seed is below 2**31.
 SEED_LIMIT = 2 ** 32
@@ -86,11 +70,9 @@ def teacher_name(name):
 # The flags both scripts share
 
 def add_common_arguments(p):
-    """The flags cifar.py and imagenet.py share, with the reference code's defaults."""
-    p.add_argument('--temperature', default=4, type=float)
-    p.add_argument('--alpha', default=0, type=float, help='weight of the KD term')
-    p.add_argument('--beta', default=0, type=float, help='weight of the AT terms')
-    add_transfer_loss_arguments(p)
+    """The flags cifar.py and imagenet.py share, with the reference code's defaults: the transfer
+    methods' (methods/), then the run's."""
+    methods.add_arguments(p)
     p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
     p.add_argument('--data_seed', default=None, type=int,
                    help="seed of the batches' order and augmentation (default: --seed, or the first "
@@ -142,39 +124,7 @@ RULES = {
     'lr_decay_ratio': Rule(NUMBER, lambda v: v > 0, 'is not positive',
                            'use a ratio > 0, e.g. 0.2, or 1 to keep --lr constant'),
     'resume': ANY_TEXT,
-    'temperature': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use a KD temperature T > 0, e.g. 4'),
-    'alpha': Rule(NUMBER, lambda v: 0 <= v <= 1, 'is outside [0, 1]',
-                  'the loss is alpha * KD + (1 - alpha) * cross-entropy; use e.g. 0.9, or 0 for no KD'),
-    **{name: LOSS_WEIGHT for name in WEIGHT_FLAGS},
-    'at_p': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'the paper uses 1, 2 or 4'),
-    'at_form': choice(['code', 'paper']),
-    'beta_decay': Rule(NUMBER, lambda v: v > 0, 'is not positive', 'use e.g. 0.1, or 1 for no decay'),
-    'cc_dim': Rule(INTEGER, lambda v: v >= 1, 'is below 1', "use CC's embedding size, e.g. 128"),
-    'rkd_w_d': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 25'),
-    'rkd_w_a': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 50'),
-    'kdsvd_k': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'compare at least one singular vector, e.g. 1'),
-    'dkd_alpha': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 1'),
-    'dkd_nckd': Rule(NUMBER, lambda v: v >= 0, 'is negative', 'use 0 (off) or a positive weight, e.g. 8'),
-    'dkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
-                       'use the epochs over which DKD warms up, e.g. 20, or 0 for none'),
-    'logit_stand': SWITCH_RULE,
-    'fitnet_regressor': choice(['conv', 'convreg']),
-    'ft_rate': Rule(NUMBER, lambda v: 0 < v <= 1, 'is outside (0, 1]',
-                    "use FT's factor channels per teacher channel, e.g. 0.5 (RepDistiller's k)"),
-    'init_epochs': Rule(OPTIONAL_INTEGER, lambda v: v is None or v >= 0, 'is negative',
-                        f'use the epochs of the init stage, e.g. {DEFAULT_INIT_EPOCHS}, 0 for none, or leave '
-                        f'--init_epochs out'),
-    'init_lr': Rule(OPTIONAL_NUMBER, lambda v: v is None or v > 0, 'is not positive',
-                    "use a learning rate > 0, e.g. 0.01 (RepDistiller's for FT), or leave --init_lr out for --lr"),
-    'crd_feat_dim': Rule(INTEGER, lambda v: v >= 1, 'is below 1', "use CRD's embedding size, e.g. 128"),
-    'crd_nce_k': Rule(INTEGER, lambda v: v >= 1, 'is below 1', 'use at least one negative per image, e.g. 16384'),
-    'crd_nce_t': Rule(NUMBER, lambda v: v > 0, 'is not positive', "use CRD's temperature > 0, e.g. 0.07"),
-    'crd_nce_m': Rule(NUMBER, lambda v: 0 <= v < 1, 'is outside [0, 1)',
-                      "use the memory's momentum, e.g. 0.5 (1 would never update it)"),
-    'reviewkd_warmup': Rule(INTEGER, lambda v: v >= 0, 'is negative',
-                            'use the epochs over which ReviewKD warms up, e.g. 20, or 0 for none'),
-    'reviewkd_mid_channels': Rule(INTEGER, lambda v: v >= 1, 'is below 1',
-                                  "use the width of ReviewKD's fusion, e.g. 512 (mdistiller's cap)"),
+    **methods.rules(),
     'seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
                  f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --seed out to draw one'),
     'data_seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
@@ -228,33 +178,17 @@ IMAGENET_RULES = {
     'teacher_params': ANY_TEXT,
     **RULES,
     # The ImageNet ResNets hand out no pre-ReLU groups (the teacher's batch norms are folded away).
-    **{flag: Rule(NUMBER, lambda v: v == 0, 'reads pre-ReLU group outputs, which the ImageNet ResNets do not hand out',
-                  'leave it at 0 with imagenet.py (cifar.py networks have them)')
-       for flag in PREACT_METHODS},
+    **{m.weight: Rule(NUMBER, lambda v: v == 0,
+                      'reads pre-ReLU group outputs, which the ImageNet ResNets do not hand out',
+                      'leave it at 0 with imagenet.py (cifar.py networks have them)')
+       for m in methods.all_methods() if 'preact' in m.reads},
 }
-
-
-def shown(value):
-    if isinstance(value, str):
-        return f' {value!r}' if value else ''
-    return f' {value}'
 
 
 def check_option(flag, value, rules=RULES):
     """Returns `value` if the rule of --flag accepts it; otherwise raises a one-line UserError
-    naming the flag, the value and what is accepted."""
-    if flag not in rules:
-        raise UserError(f'{flag!r} is not an option here; known options: {", ".join(sorted(rules))}')
-    rule = rules[flag]
-    if not isinstance(value, rule.kind.types) or (isinstance(value, bool) and bool not in rule.kind.types):
-        problem = f'is not {rule.kind.name}'
-    elif isinstance(value, float) and not math.isfinite(value):
-        problem = 'is not a finite number'
-    elif not rule.test(value):
-        problem = rule.problem
-    else:
-        return value
-    raise UserError(f'--{flag}{shown(value)} {problem}; {rule.accepted}')
+    naming the flag, the value and what is accepted (rules.check_option)."""
+    return check_rule(flag, value, rules)
 
 
 def check_options(opt, rules, teacher_flag):
@@ -280,27 +214,30 @@ def check_run_options(opt, rules, teacher_flag):
 
 
 def check_init_stage(opt):
-    """The init stage's options need a method that has one (AB, FT, FSP), and AB, which trains
-    only there, needs the stage."""
-    methods = ', '.join('--' + k for k in INIT_METHODS)
-    if not any(getattr(opt, k) for k in INIT_METHODS):
+    """The init stage's options need a method that has one, and a method that trains only there
+    needs the stage."""
+    staged = methods.with_init_stage()
+    if not any(methods.on(opt, m) for m in staged):
+        names = ', '.join('--' + m.weight for m in staged)
         for flag in ('init_epochs', 'init_lr'):
             if getattr(opt, flag):
-                raise UserError(f'--{flag} {getattr(opt, flag):g} sets the init stage of {methods}, and none of '
+                raise UserError(f'--{flag} {getattr(opt, flag):g} sets the init stage of {names}, and none of '
                                 f'them is on; add one of them or drop --{flag}')
-    if opt.ab_beta and opt.init_epochs == 0:
-        raise UserError(f'--ab_beta trains only in the init stage, and --init_epochs 0 gives it none; drop '
-                        f'--init_epochs 0 (default {DEFAULT_INIT_EPOCHS}) or --ab_beta')
+    for m in staged:
+        if m.init_only and methods.on(opt, m) and opt.init_epochs == 0:
+            raise UserError(f'--{m.weight} trains only in the init stage, and --init_epochs 0 gives it none; drop '
+                            f'--init_epochs 0 (default {DEFAULT_INIT_EPOCHS}) or --{m.weight}')
     if opt.init_lr is not None and opt.init_epochs == 0:
         raise UserError(f'--init_lr {opt.init_lr:g} is the learning rate of the init stage, and --init_epochs 0 '
                         f'gives the run none; drop --init_lr or --init_epochs 0')
 
 
 def resolve_init_stage(opt):
-    """Settles a run's --init_epochs (RepDistiller's 30 with AB, FT or FSP, else 0) and, with an
-    init stage, its --init_lr (default --lr), so that its log lines say what it trained with."""
+    """Settles a run's --init_epochs (RepDistiller's 30 with a method that has an init stage, else
+    0) and, with an init stage, its --init_lr (default --lr), so that its log lines say what it
+    trained with."""
     if opt.init_epochs is None:
-        opt.init_epochs = DEFAULT_INIT_EPOCHS if any(getattr(opt, k) for k in INIT_METHODS) else 0
+        opt.init_epochs = DEFAULT_INIT_EPOCHS if any(methods.on(opt, m) for m in methods.with_init_stage()) else 0
     if opt.init_epochs and opt.init_lr is None:
         opt.init_lr = opt.lr
     return opt
@@ -340,27 +277,21 @@ def check_cifar_networks(opt):
 
 
 def check_transfer_options(opt, has_teacher, teacher_flag):
-    """Refuses, before anything runs, combinations that cannot train."""
-    for name in (*WEIGHT_FLAGS, 'at_p', 'beta_decay'):
-        check_option(name, getattr(opt, name))
-    for name in NEEDS_TEACHER:
-        if getattr(opt, name) and not has_teacher:
-            raise UserError(f'--{name} compares the student with a teacher; give {teacher_flag} or drop --{name}')
-    if double_backward(opt):
+    """Refuses, before anything runs, combinations of the methods' options that cannot train."""
+    for f in methods.flags():
+        check_option(f.name, getattr(opt, f.name))
+        if f.needs_teacher and getattr(opt, f.name) and not has_teacher:
+            raise UserError(f'--{f.name} compares the student with a teacher; give {teacher_flag} or drop --{f.name}')
+    if methods.double_backward(opt):
+        twice = ' and '.join('--' + m.weight for m in methods.all_methods() if 'input_gradient' in m.reads)
         if opt.compile == 'on':
-            raise UserError('--grad_beta and --sym_beta differentiate twice, which torch.compile '
-                            'cannot; use --compile auto or off')
+            raise UserError(f'{twice} differentiate twice, which torch.compile cannot; use --compile auto or off')
         if opt.ngpu > 1:
-            raise UserError('--grad_beta and --sym_beta cannot split batches over GPUs with --ngpu; '
-                            'use torchrun with one process per GPU and --ngpu 1')
-    if opt.kd_beta and opt.alpha:
-        raise UserError(f'--kd_beta {opt.kd_beta:g} adds KD as a term of its own, and --alpha {opt.alpha:g} puts KD '
-                        f'in the distillation term too, which counts it twice; use --alpha 0 with --kd_beta '
-                        f'(CRD+KD: --kd_beta 1 --crd_beta 0.8)')
-    if opt.crd_beta and distributed.launched_by_torchrun():
-        raise UserError('--crd_beta keeps a memory of every training image, which each process of a torchrun job '
-                        'would update with its own slice of the batch only; train CRD in one process (--ngpu N '
-                        'splits its batches over N GPUs)')
+            raise UserError(f'{twice} cannot split batches over GPUs with --ngpu; use torchrun with one process per '
+                            f'GPU and --ngpu 1')
+    context = SimpleNamespace(has_teacher=has_teacher, torchrun=distributed.launched_by_torchrun())
+    for m in methods.all_methods():
+        m.refuse(opt, context)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 
+import methods
 from checkpoint import LOG, log_records
 from errors import UserError, reports_user_errors
 
@@ -30,25 +31,16 @@ PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_par
              'train_time', 'test_time', 'at_losses', 'loss_weights', 'gpu_memory_mib', 'autocast',
              'n_train', 'n_test', 'stage'}
 # Options at these values do what the code did before they existed: runs logged before the
-# options existed, and runs that leave them alone, are one configuration.
-NEUTRAL = {'at_p': 2, 'at_form': 'code', 'beta_decay': 1, 'grad_beta': 0, 'sym_beta': 0,
-           'factt_beta': 0, 'fitnet_beta': 0, 'cos_beta': 0, 'aux_weight': 0,
-           'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
-           'teacher_params': '',
-           'sp_beta': 0, 'cc_beta': 0, 'rkd_beta': 0, 'pkt_beta': 0, 'nst_beta': 0, 'kdsvd_beta': 0,
-           'fsp_beta': 0, 'vid_beta': 0, 'dkd_beta': 0, 'cc_dim': 128, 'rkd_w_d': 25, 'rkd_w_a': 50,
-           'kdsvd_k': 1, 'dkd_alpha': 1, 'dkd_nckd': 8, 'dkd_warmup': 20, 'logit_stand': False,
-           'reviewkd_beta': 0, 'reviewkd_warmup': 20, 'reviewkd_mid_channels': 512, 'ofd_beta': 0,
-           'kd_beta': 0, 'crd_beta': 0, 'crd_feat_dim': 128, 'crd_nce_k': 16384, 'crd_nce_t': 0.07, 'crd_nce_m': 0.5,
-           'fitnet_regressor': 'conv', 'ab_beta': 0, 'ft_beta': 0, 'ft_rate': 0.5, 'init_epochs': 0, 'init_lr': None}
-# The settings of those methods (transfer.BENCHMARK_SETTINGS), shown beside the weights when changed.
-METHOD_SETTINGS = ('fitnet_regressor', 'cc_dim', 'rkd_w_d', 'rkd_w_a', 'kdsvd_k', 'dkd_alpha', 'dkd_nckd',
-                   'dkd_warmup', 'logit_stand', 'reviewkd_warmup', 'reviewkd_mid_channels',
-                   'crd_feat_dim', 'crd_nce_k', 'crd_nce_t', 'crd_nce_m', 'ft_rate')
+# options existed, and runs that leave them alone, are one configuration. The transfer methods say
+# which of their flags are neutral where (methods.base.Flag.neutral).
+NEUTRAL = {'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
+           'teacher_params': '', **methods.neutral()}
+# The methods' settings shown beside the weights when changed.
+METHOD_SETTINGS = tuple(methods.shown_settings())
 # The weights of the terms that compare the student with its teacher.
-TEACHER_WEIGHTS = ('alpha', 'beta', 'grad_beta', 'factt_beta', 'fitnet_beta', 'cos_beta', 'sp_beta', 'cc_beta',
-                   'rkd_beta', 'pkt_beta', 'nst_beta', 'kdsvd_beta', 'fsp_beta', 'vid_beta', 'dkd_beta',
-                   'reviewkd_beta', 'kd_beta', 'crd_beta', 'ab_beta', 'ft_beta', 'ofd_beta')
+TEACHER_WEIGHTS = tuple(methods.teacher_weights())
+# What means nothing without a teacher: left out of the configuration of a run that learns nothing from one.
+TEACHER_ONLY = ('teacher_id', 'teacher_params', *methods.teacher_only())
 FIGURE_TYPES = ('.png', '.pdf', '.svg')
 # The original code spelled these options differently; its runs group with ours.
 ORIGINAL_NAMES = {'batchSize': 'batch_size', 'weightDecay': 'weight_decay'}
@@ -89,8 +81,8 @@ def find_run_dirs(paths):
 
 def read_records(run_dir):
     """The json_stats records of a run's main stage, one per epoch (the latest line wins when a
-    resumed run repeated epochs); the lines of an init stage ("stage": "init", AB, FT, FSP) are
-    not its results. A torn last line is left out, as every reader of logs does
+    resumed run repeated epochs); the lines of an init stage ("stage": "init") are not its
+    results. A torn last line is left out, as every reader of logs does
     (checkpoint.log_records)."""
     path = os.path.join(run_dir, LOG)
     by_epoch = {}
@@ -118,7 +110,7 @@ def configuration(record):
                if k not in NOT_CONFIGURATION and k not in PER_EPOCH
                and not k.startswith(('train_', 'test_')) and not k.endswith(('_loss', '_losses'))
                and not (k in NEUTRAL and v == NEUTRAL[k])
-               and not (k in ('teacher_id', 'teacher_params', 'temperature') and not learns_from_teacher(record))}
+               and not (k in TEACHER_ONLY and not learns_from_teacher(record))}
     return json.dumps(options, sort_keys=True)
 
 
@@ -152,12 +144,13 @@ def teacher_name(o):
 
 
 def method_weights(o):
-    """The loss weights of the transfer methods in use; later methods add *_beta or aux_weight."""
-    names = ['alpha', 'beta'] + sorted(k for k in o if k.endswith('_beta') or k == 'aux_weight')
+    """The loss weights of the transfer methods in use (those every run has first: the paper's
+    alpha and beta; then the others by name), then their settings that are not neutral."""
+    weights = methods.weight_flags()
+    names = [k for k in weights if k not in NEUTRAL] + sorted(k for k in weights if k in NEUTRAL)
     shown = [f'{k} {o[k]:g}' for k in names if isinstance(o.get(k), (int, float)) and o[k]]
     shown += [f'{k} {o[k]:g}' if isinstance(o[k], float) else f'{k} {o[k]}'
-              for k in ('at_p', 'at_form', 'beta_decay', *METHOD_SETTINGS, 'init_epochs')  # AB, FT, FSP's init stage
-              if k in o and o[k] != NEUTRAL[k]]
+              for k in METHOD_SETTINGS if k in o and o[k] != NEUTRAL[k]]
     return ', '.join(shown) or '-'
 
 

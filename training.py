@@ -10,7 +10,7 @@ checkpoint and append the epoch's line to its log.txt. The log line comes after 
 checkpoint, so a log line always has its checkpoint. Under torchrun each process trains on its
 slice of every batch (distributed.py) and only rank 0 prints and writes.
 
-A run whose method has an init stage (AB, FT, FSP: --init_epochs) trains its init epochs first,
+A run whose method has an init stage (--init_epochs) trains its init epochs first,
 epochs of this same loop with their own terms, a constant --init_lr and their own log lines
 ("stage": "init"); a cohort runs its longest init stage, and members with shorter ones (or none)
 start later, so that every member's main stage falls on the same epochs and batches.
@@ -26,6 +26,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
 import distributed
+import methods
 import tensorboard_log
 from checkpoint import (
     WriteFailed,
@@ -37,9 +38,9 @@ from devices import speed_settings, uses_channels_last
 from errors import LostProcess, RunStopped
 from members import checkpoint_position, learning_rate
 from meters import shown_loss
+from objective import kind
 from options import epoch_steps
 from stopping import WRITE_FAILED, SignalStop, resume_flags, standing_checkpoints, write_failure
-from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS, double_backward, kind
 
 # ----------------------------------------------------------------------------------------------
 # The steps
@@ -49,10 +50,10 @@ def make_steps(members, speed):
     then each run's forward (fp32, or bf16 under autocast when training; compiled or not)
     giving its loss terms, their weighted sum, and outputs for its meters. Nothing here reads a
     value back to the host."""
-    first = members[0].transfer
-    teacher_gradient = any(m.opt.grad_beta for m in members)
-    teacher_pooled = any(m.transfer.pooled for m in members)  # one teacher forward serves them all
-    teacher_preact = any(m.transfer.preact for m in members)
+    first = members[0].objective
+    teacher_gradient = any(m.objective.teacher_gradient for m in members)
+    teacher_pooled = any(m.objective.pooled for m in members)  # one teacher forward serves them all
+    teacher_preact = any(m.objective.preact for m in members)
 
     def autocast(mode):
         # Evaluation stays in fp32: the reported test accuracy should not depend on the hardware.
@@ -69,12 +70,10 @@ def make_steps(members, speed):
     # Runs with the same loss options share one compiled function (params are its argument).
     forwards = {}
     for m in members:
-        # CRD's forward reads its run's seed, step and labels from its own transfer.
-        key = (forward_options(m.opt), id(m) if m.opt.crd_beta else None)
+        # A method may read its run's own seed and step in the forward: such a run shares it with none.
+        key = (forward_options(m.opt), None if m.objective.shares_forward else id(m))
         if key not in forwards:
-            # CRD updates its memory in place inside the forward, which a compiled graph would not replay.
-            forwards[key] = compiled(student_forward(m.transfer, autocast), not double_backward(m.opt)
-                                     and not m.opt.crd_beta)
+            forwards[key] = compiled(student_forward(m.objective, autocast), m.objective.compiles)
         m.forward = forwards[key]
     if speed.compile:
         # Each distinct set of loss options compiles its own train and eval graphs (and those
@@ -97,7 +96,7 @@ def make_steps(members, speed):
         x = layout(x)
         active = [m for m in members if m.trains_at(engine.state.iteration)]
         for m in members:
-            m.transfer.step = m.own(engine.state.iteration)  # CRD draws its negatives from (seed, step)
+            m.objective.step = m.own(engine.state.iteration)  # a method may draw from (seed, step)
         teacher = teacher_forward(active[0].params, x, y, True) if teacher_forward else None
         outputs = {}
         for m in active:
@@ -106,8 +105,8 @@ def make_steps(members, speed):
             m.optimizer.zero_grad(set_to_none=True)
             (loss * share if share != 1 else loss).backward()
             m.watch.update(m.own(engine.state.iteration), terms)
-            # No .item() here: meters keep device tensors and are read once per epoch. FT's init
-            # stage does not run the student (y_s None).
+            # No .item() here: meters keep device tensors and are read once per epoch. An init
+            # stage that trains only a method's own parts does not run the student (y_s None).
             outputs[m] = {'loss': loss.detach(), 'y_pred': None if y_s is None else y_s.detach(), 'y': y,
                           'share': share,
                           'terms': {n: v.detach() for n, v in terms.items()}}
@@ -134,20 +133,17 @@ def make_steps(members, speed):
 
 
 def forward_options(opt):
-    """What a run's forward reads of its options: the values that enter the terms, and which of
-    the weighted methods are on (their weights are applied outside the forward)."""
-    return (opt.alpha, opt.temperature, opt.at_p, opt.at_form,
-            *(bool(getattr(opt, k)) for k in ('grad_beta', 'sym_beta', 'factt_beta', 'fitnet_beta',
-                                              'cos_beta', 'aux_weight', *BENCHMARK_WEIGHTS)),
-            *(getattr(opt, k) for k in BENCHMARK_SETTINGS
-              if k not in ('dkd_warmup', 'reviewkd_warmup')),  # the warm-ups are weights
-            getattr(opt, 'init_epochs', None) or 0)  # FSP is a main-stage term without one; CRD's steps
+    """What a run's forward reads of its options (methods.base.Flag.forward): the values that enter
+    the terms, and which of the weighted methods are on (their weights are applied outside the
+    forward)."""
+    return tuple(getattr(opt, f.name) if f.forward == 'value' else bool(getattr(opt, f.name))
+                 for f in methods.flags() if f.forward)
 
 
-def student_forward(transfer, autocast):
+def student_forward(objective, autocast):
     def forward(params, x, y, mode, teacher, index=None, stage='main'):
         with autocast(mode):
-            return transfer(x, y, params, mode, teacher, index=index, stage=stage)
+            return objective(x, y, params, mode, teacher, index=index, stage=stage)
     return forward
 
 
@@ -217,10 +213,10 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             fresh = iteration % n == 0 and m.start_iteration <= m.own(iteration)  # not a resumed epoch
             if m.stage == 'init':
                 lr = m.opt.init_lr  # constant, as RepDistiller's init stage
-                m.weights = m.transfer.weights(m.stage_epoch, epoch_step, stage='init')
+                m.weights = m.objective.weights(m.stage_epoch, epoch_step, stage='init')
             else:
                 lr = learning_rate(opt, m.stage_epoch, epoch_step)
-                m.weights = m.transfer.weights(m.stage_epoch, epoch_step)
+                m.weights = m.objective.weights(m.stage_epoch, epoch_step)
                 if fresh and (m.stage_epoch in epoch_step or m.stage_epoch == 1 and m.init_epochs):
                     # The reference code builds a new optimizer at each step, and after the init stage,
                     # so momentum restarts.
@@ -364,12 +360,12 @@ def epoch_record(member, epoch, topk, train_time, test_time):
     per-group terms in a list under '<kind>_losses' ('at_losses' is the reference code's)."""
     m, t = member.train_meters.compute(), member.eval_meters.compute()
     stats = {
-        'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'] if 'top1' in m else None,  # None: FT's init stage
+        'train_loss': m['loss'][0], 'train_acc': 100 * m['top1'] if 'top1' in m else None,  # None: no student ran
         'test_loss': t['loss'][0], 'test_acc': 100 * t['top1'],
         'epoch': epoch, 'train_time': train_time, 'test_time': test_time,
         'at_losses': [],
     }
-    for name in member.transfer.term_names(stage=member.stage):
+    for name in member.objective.term_names(stage=member.stage):
         if name[-1].isdigit():
             stats.setdefault(kind(name) + '_losses', []).append(m['term:' + name])
         else:

@@ -13,7 +13,8 @@ from torch.nn.parallel._functions import Broadcast
 import distributed
 
 # The losses lived here in the reference code; scripts that import them from utils still work.
-from losses import at, at_loss, distillation  # noqa: F401
+from methods.at import at, at_loss  # noqa: F401
+from methods.kd import distillation  # noqa: F401
 
 DTYPES = {'float': torch.float32, 'double': torch.float64,
           'half': torch.float16, 'bfloat16': torch.bfloat16}

@@ -22,7 +22,7 @@ import imagenet_data
 import zoo
 from checkpoint import CHECKPOINT, copy_params_, load_checkpoint, network_params, read_log
 from errors import UserError, reports_user_errors
-from losses import at
+from methods.at import at
 from resnet import define_student, define_teacher, resnet
 from utils import cast
 

@@ -5,15 +5,16 @@
 
 In one run, on the same images, trains for --epochs epochs (the last is timed) WRN-16-1 students
 of a WRN-16-2 teacher (random weights: the arithmetic is a trained teacher's) through the real
-loop: size 1 is a single AT run (--beta 1e3), size 5 an AT cohort over seeds 1..5, size 25 a
-Table 1 row (student, AT, F-ActT, KD, AT+KD over seeds 1..5). Throughput ratio = students x
-single run's epoch / cohort's epoch: how many single runs' worth of training one cohort epoch
-does in the time of one.
+loop: size 1 is a single AT run (Table 1's AT column), size 5 an AT cohort over seeds 1..5, size
+25 a Table 1 row (its five columns over seeds 1..5, as scripts/table1.sh trains them). Throughput
+ratio = students x single run's epoch / cohort's epoch: how many single runs' worth of training
+one cohort epoch does in the time of one.
 
 --row: the CRD benchmark's resnet8x4 <- resnet32x4 row (100 classes, random weights), one
-member per method of ROW, as one cohort against the same members trained one by one. Members
-with an init stage run one init epoch first (--init_epochs 1); the last main-stage epoch is
-timed in both. Throughput = the one-by-one runs' summed epochs / the cohort's epoch.
+member per column of scripts/crd_table.sh (every method, seed 1), as one cohort against the same
+members trained one by one. Members with an init stage run one init epoch first (--init_epochs
+1); the last main-stage epoch is timed in both. Throughput = the one-by-one runs' summed epochs /
+the cohort's epoch.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from epoch_speed import networks, random_subset  # noqa: E402
 
 import cifar  # noqa: E402
+import methods  # noqa: E402
 import zoo  # noqa: E402
 from cohort import member_runs  # noqa: E402
 from data import Loader  # noqa: E402
@@ -37,24 +39,20 @@ from members import build_members  # noqa: E402
 from resnet import resnet  # noqa: E402
 from training import train  # noqa: E402
 
-COLUMNS = {'student': {}, 'at': {'beta': 1e3}, 'factt': {'factt_beta': 1}, 'kd': {'alpha': 0.9},
-           'at_kd': {'alpha': 0.9, 'beta': 1e3, 'beta_decay': 0.2}}
 
-# Every method of the CRD benchmark's table and mdistiller's, with RepDistiller's weights
-# (scripts/crd_table.sh has the same columns).
-ROW = {'student': {}, 'kd': {'alpha': 0.9}, 'fitnet': {'fitnet_beta': 100, 'fitnet_regressor': 'convreg'},
-       'at': {'beta': 1e3},
-       'at_kd': {'alpha': 0.9, 'beta': 1e3}, 'sp': {'sp_beta': 3000}, 'cc': {'cc_beta': 0.02},
-       'vid': {'vid_beta': 1}, 'rkd': {'rkd_beta': 1}, 'pkt': {'pkt_beta': 30000}, 'ab': {'ab_beta': 1},
-       'ft': {'ft_beta': 200}, 'fsp': {'fsp_beta': 1}, 'nst': {'nst_beta': 50}, 'crd': {'crd_beta': 0.8},
-       'crd_kd': {'crd_beta': 0.8, 'kd_beta': 1}, 'kdsvd': {'kdsvd_beta': 1}, 'dkd': {'dkd_beta': 1},
-       'ofd': {'ofd_beta': 1e-3}, 'reviewkd': {'reviewkd_beta': 1}}
-INIT_METHODS = ('ab_beta', 'ft_beta', 'fsp_beta')
+def table1_row(seeds):
+    """The members of a Table 1 row (WRN-16-1 from WRN-16-2) over `seeds`, column by column."""
+    return methods.cohort('table1', 'wrn_16_2', 'wrn_16_1', seeds)
 
 
-def row_member(name, init_epochs):
-    extra = {'init_epochs': init_epochs} if any(k in ROW[name] for k in INIT_METHODS) else {}
-    return {'name': name, 'seed': 1, **ROW[name], **extra}
+def crd_row(n_train):
+    """One member per column of the CRD benchmark's resnet8x4 <- resnet32x4 row, fitted to the
+    training set; those with an init stage train one init epoch."""
+    row = []
+    for member in methods.cohort('crd', 'resnet32x4', 'resnet8x4', [1]):
+        staged = any(member.get(m.weight) for m in methods.with_init_stage())
+        row.append(methods.for_training_set({**member, **({'init_epochs': 1} if staged else {})}, n_train))
+    return row
 
 
 def calibrate_batch_norms(f, params, images, steps=30):
@@ -74,8 +72,7 @@ def row_epoch(cohort, args, data, device):
     with tempfile.TemporaryDirectory() as tmp:
         flags = ['--save', os.path.join(tmp, 'row'), '--teacher_id', 'random', '--epochs', str(args.epochs),
                  '--epoch_step', '[]', '--compile', args.compile, '--data_seed', '1', '--dataset', 'CIFAR100',
-                 '--arch', 'resnet8x4', '--batch_size', '64', '--lr', '0.05', '--crd_nce_k',
-                 str(min(16384, args.train_images - 1)), '--cohort', json.dumps(cohort)]
+                 '--arch', 'resnet8x4', '--batch_size', '64', '--lr', '0.05', '--cohort', json.dumps(cohort)]
         opt = cifar.parse_args(flags)
         runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
         for run in runs:
@@ -97,7 +94,7 @@ def row_epoch(cohort, args, data, device):
 
 
 def row(args, data, device):
-    cohort = [row_member(name, 1) for name in ROW]
+    cohort = crd_row(len(data['train'][0]))
     together = row_epoch(cohort, args, data, device)
     alone = {m['name']: row_epoch([m], args, data, device) for m in cohort}
     print('\n| method | alone: epoch s (train + test) |')
@@ -111,11 +108,12 @@ def row(args, data, device):
 
 
 def members(size):
-    if size == 1:
-        return None
-    columns = ['at'] if size == 5 else list(COLUMNS)
-    assert size == 5 * len(columns), 'sizes are 1, 5 (AT over five seeds) or 25 (a Table 1 row)'
-    return [{'name': f'{c}_seed{s}', 'seed': s, **COLUMNS[c]} for c in columns for s in range(1, 6)]
+    """Size 1: Table 1's AT column, seed 1; 5: that column over seeds 1..5; 25: the whole row."""
+    row = table1_row(range(1, 6))
+    at = [m for m in row if m['name'].startswith('at_seed')]
+    cohorts = {1: at[:1], 5: at, len(row): row}
+    assert size in cohorts, f'sizes are 1, 5 (AT over five seeds) or {len(row)} (a Table 1 row)'
+    return cohorts[size]
 
 
 def last_epoch(size, args, data, device):
@@ -124,7 +122,10 @@ def last_epoch(size, args, data, device):
         flags = ['--save', os.path.join(tmp, 'run'), '--teacher_id', 'random', '--epochs', str(args.epochs),
                  '--epoch_step', '[]', '--compile', args.compile, '--data_seed', '1']
         cohort = members(size)
-        flags += ['--cohort', json.dumps(cohort)] if cohort else ['--seed', '1', '--beta', '1e3']
+        if size == 1:  # a single run with the member's options
+            flags += [f for k, v in cohort[0].items() if k != 'name' for f in (f'--{k}', str(v))]
+        else:
+            flags += ['--cohort', json.dumps(cohort)]
         opt = cifar.parse_args(flags)
         runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
         for run in runs:

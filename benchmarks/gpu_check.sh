@@ -103,9 +103,7 @@ if [ "$GPU" = 1 ] && [ -d $DATA/cifar-10-batches-py ]; then
     --save $RUNS/plain_compiled
   stage "original pipeline, AT, 2 epochs" 120 python3 benchmarks/epoch_speed.py --dataroot $DATA --mode at \
     --train_images 50000 --test_images 10000 --epochs 2 --nthread 8 --only original
-  COHORT=$(python3 -c 'import json; print(json.dumps([dict(name=f"{n}_seed{s}", seed=s, **w) for n, w in
-    [("student", {}), ("at", {"beta": 1e3}), ("factt", {"factt_beta": 1}), ("kd", {"alpha": 0.9}),
-     ("at_kd", {"alpha": 0.9, "beta": 1e3, "beta_decay": 0.2})] for s in range(1, 6)]))')
+  COHORT=$(python3 -m methods columns --table table1 --seeds "1 2 3 4 5" wrn_16_2:wrn_16_1 | cut -d' ' -f3-)
   stage "25-student cohort (Table 1 row), 2 epochs" 150 "${cifar[@]}" --depth 16 --width 1 --teacher_id gpu_check/teacher \
     --epochs 2 --save $RUNS/cohort25 --cohort "$COHORT"
   stage "profile of the AT step, eager" 45 python3 benchmarks/profile_step.py --mode at

@@ -40,7 +40,7 @@ def step_function(args, device):
                             channels_last=speed.channels_last)
     for m in members:
         m.start(speed.fused, 390, 1, device)
-        m.weights.update(m.transfer.weights(1, []))
+        m.weights.update(m.objective.weights(1, []))
     train_step, _ = make_steps(members, speed)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)

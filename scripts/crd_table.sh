@@ -52,66 +52,14 @@ published() {  # where RepDistiller's teacher of this architecture lies
 
 source scripts/runs.sh
 
-# Columns: each method's per-student options, as RepDistiller weighs them (its -r, -a, -b):
-# KD 0.9 * KD(T = 4) + 0.1 * CE, AT CE + 1000 * AT, AT+KD both. The student column trains on
-# cross-entropy alone: it has the pair's teacher but gives it no weight.
-# The other methods add their term to CE (RepDistiller's -r 1 -a 0 -b B, run_cifar_distill.sh):
-# FitNet 100 (through RepDistiller's ConvReg regressor), SP 3000, CC 0.02, RKD 1, PKT 30000, NST 50, VID 1, CRD 0.8; CRD+KD adds KD at
-# weight 1 (-a 1). AB, FT and FSP first train for 30 init epochs (RepDistiller's --init_epochs):
-# AB and FSP only there, their losses summed unweighted (beta 1; RepDistiller's -b weighs a
-# main-stage term its loop sets to 0), FT's paraphraser there (at lr 0.01 for ResNet and WRN
-# students, as RepDistiller; at --lr for the others) and FT at 200 in the main stage. RepDistiller has no weight for KDSVD; 1 is
-# mdistiller's (CE 1, KDSVD 1 on this benchmark). DKD, OFD and ReviewKD are mdistiller's: CE +
-# DKD (alpha 1, T 4) warmed up over 20 epochs with its beta per pair (dkd_nckd below); OFD 1e-3;
-# ReviewKD 5 for resnet32x4 -> resnet8x4 (its one CIFAR-100 file), 1 (its default) elsewhere,
-# warmed up over 20 epochs.
-declare -A METHOD=(
-  [student]=''
-  [kd]='"alpha": 0.9, "temperature": 4'
-  [at]='"beta": 1000'
-  [at_kd]='"alpha": 0.9, "beta": 1000, "temperature": 4'
-  [sp]='"sp_beta": 3000'
-  [cc]='"cc_beta": 0.02'
-  [rkd]='"rkd_beta": 1'
-  [pkt]='"pkt_beta": 30000'
-  [nst]='"nst_beta": 50'
-  [fsp]='"fsp_beta": 1'
-  [kdsvd]='"kdsvd_beta": 1'
-  [vid]='"vid_beta": 1'
-  [fitnet]='"fitnet_beta": 100, "fitnet_regressor": "convreg"'
-  [ab]='"ab_beta": 1'
-  [crd]='"crd_beta": 0.8'
-  [crd_kd]='"crd_beta": 0.8, "kd_beta": 1'
-  [ofd]='"ofd_beta": 0.001'
-)
-
-dkd_nckd() {  # DKD's beta, from mdistiller's configs/cifar100/dkd/ (8, its default, where it has none)
-  case $1 in
-    "resnet56 resnet20" | "resnet110 resnet32") echo 2 ;;
-    "wrn_40_2 wrn_16_2" | "wrn_40_2 wrn_40_1" | "vgg13 vgg8" | "vgg13 MobileNetV2") echo 6 ;;
-    *) echo 8 ;;
-  esac
-}
-
-reviewkd_beta() {  # mdistiller's configs/cifar100/reviewkd.yaml (resnet32x4 -> resnet8x4), else its default
-  case $1 in
-    "resnet32x4 resnet8x4") echo 5 ;;
-    *) echo 1 ;;
-  esac
-}
-
-columns() {  # FSP and KDSVD compare the groups' channels one to one: pairs of equal widths only;
-             # OFD needs groups of the same spatial sizes
-  echo student kd fitnet at at_kd sp cc rkd pkt nst vid dkd ab ft crd crd_kd reviewkd
-  case $1 in
-    "wrn_40_2 wrn_16_2" | "wrn_40_2 wrn_40_1" | "resnet56 resnet20" | "resnet110 resnet20" | \
-    "resnet110 resnet32" | "resnet32x4 resnet8x4" | "vgg13 vgg8") echo ofd ;;
-  esac
-  case $1 in
-    "wrn_40_2 wrn_16_2" | "resnet56 resnet20" | "resnet110 resnet20" | "resnet110 resnet32" | \
-    "resnet32x4 resnet8x4" | "vgg13 vgg8") echo fsp kdsvd ;;
-  esac
-}
+# Columns: the student alone (cross-entropy; it has the pair's teacher but gives it no weight), then
+# every method of both tables with RepDistiller's weights (its -r 1 -a 0 -b B beside the
+# cross-entropy, KD 0.9 * KD(T = 4) + 0.1 * CE; AT+KD and CRD+KD both), and DKD, OFD and ReviewKD with
+# mdistiller's, each with the pair's own settings where its reference has them (DKD's beta, FT's
+# init-stage learning rate, ReviewKD's weight) and only on the pairs it can compare (FSP and KDSVD
+# need groups of equal widths, OFD of equal sizes). Each method's file declares its columns
+# (methods/, Method.columns); `python3 -m methods columns` lists every pair's cohort.
+ROWS=$(python3 -m methods columns --seeds "$SEEDS" "${PAIRS[@]/ /:}")
 
 teachers=$(for pair in "${PAIRS[@]}"; do echo "${pair%% *}"; done | awk '!seen[$0]++')
 if [ -n "$TEACHERS" ]; then
@@ -126,19 +74,11 @@ else
   done
 fi
 
-for pair in "${PAIRS[@]}"; do
-  read -r t s <<< "$pair"
+while read -r t s members <&3; do
   if [ -n "$TEACHERS" ]; then
     from=(--teacher_params "$(published "$t")" --teacher_arch "$t")
   else
     from=(--teacher_id "crd/teacher_$t")
   fi
-  METHOD[dkd]="\"dkd_beta\": 1, \"dkd_nckd\": $(dkd_nckd "$pair"), \"temperature\": 4"
-  case $s in
-    resnet* | wrn_*) METHOD[ft]='"ft_beta": 200, "init_lr": 0.01' ;;
-    *) METHOD[ft]='"ft_beta": 200' ;;
-  esac
-  METHOD[reviewkd]="\"reviewkd_beta\": $(reviewkd_beta "$pair")"
-  # shellcheck disable=SC2046  # the column names are words
-  cohort "logs/crd/${s}_from_$t" "$(members $(columns "$pair"))" --arch "$s" "${from[@]}" --lr "$(learning_rate "$s")" "${PROTOCOL[@]}" "$@"
-done
+  cohort "logs/crd/${s}_from_$t" "$members" --arch "$s" "${from[@]}" --lr "$(learning_rate "$s")" "${PROTOCOL[@]}" "$@"
+done 3<<< "$ROWS"

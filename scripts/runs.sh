@@ -28,14 +28,3 @@ cohort() {  # cohort DIR MEMBERS [cifar.py flags...]: one cohort; a started one 
     launch --save "$dir" --cohort "$members" "$@"
   fi
 }
-
-members() {  # members COLUMN...: a cohort's members as a JSON list, each column over $SEEDS,
-             # named <column>_seed<k>, with the per-student options of ${METHOD[column]}
-  local list=''
-  for method in "$@"; do
-    for seed in $SEEDS; do
-      list+="${list:+, }{\"name\": \"${method}_seed$seed\", \"seed\": $seed${METHOD[$method]:+, ${METHOD[$method]}}}"
-    done
-  done
-  echo "[$list]"
-}

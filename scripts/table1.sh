@@ -24,20 +24,15 @@ for net in "16 2" "40 1" "40 2"; do
   single "logs/table1/teacher_wrn$d-$w" --depth "$d" --width "$w" --seed 1 "$@"
 done
 
-# Columns: each method's per-student options. F-ActT's weight and AT+KD's beta decay are this
-# suite's choices (the paper gives neither); the others are the paper's. The student column
-# trains on cross-entropy alone: it has the row's teacher but gives it no weight.
-declare -A METHOD=(
-  [student]=''
-  [at]='"beta": 1000'
-  [factt]='"factt_beta": 1'
-  [kd]='"alpha": 0.9, "temperature": 4'
-  [at_kd]='"alpha": 0.9, "beta": 1000, "beta_decay": 0.2'
-)
+# Columns: the student alone (cross-entropy; it has the row's teacher but gives it no weight), then
+# AT, F-ActT, KD and AT+KD as their files declare them for Table 1 (methods/, Method.columns): the
+# paper's weights; F-ActT's weight and AT+KD's beta decay are this suite's choices (the paper gives
+# neither). Teacher and student in RepDistiller's names, whose WRNs are these.
+ROWS=$(python3 -m methods columns --table table1 --seeds "$SEEDS" wrn_16_2:wrn_16_1 wrn_40_1:wrn_16_1 wrn_40_2:wrn_16_2)
 
-# Student depth and width, teacher depth and width.
-for pair in "16 1 16 2" "16 1 40 1" "16 2 40 2"; do
-  read -r d w td tw <<< "$pair"
-  cohort "logs/table1/wrn$d-${w}_from_wrn$td-$tw" "$(members student at factt kd at_kd)" --depth "$d" --width "$w" \
+while read -r t s members <&3; do
+  IFS=_ read -r _ d w <<< "$s"
+  IFS=_ read -r _ td tw <<< "$t"
+  cohort "logs/table1/wrn$d-${w}_from_wrn$td-$tw" "$members" --depth "$d" --width "$w" \
     --teacher_id "table1/teacher_wrn$td-$tw" "$@"
-done
+done 3<<< "$ROWS"

@@ -19,7 +19,7 @@ import visualize
 import zoo
 from conftest import check_png, run_cli, run_in_process
 from data import Loader, random_crop_flip
-from losses import at_loss, at_loss_paper
+from methods.at import at_loss, at_loss_paper
 from repdistiller_reference import REFERENCES
 from test_cifar import checkpoint, expect_user_error, log_lines, ok
 

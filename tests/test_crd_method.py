@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import cifar
-from auxiliary import crd_classes, crd_negatives
 from conftest import run_in_process
 from errors import UserError
+from methods.crd import classes_of as crd_classes
+from methods.crd import negatives as crd_negatives
 from test_cifar import checkpoint, expect_user_error, log_lines, ok
 from test_crd import make_cifar100_release, save_published
 

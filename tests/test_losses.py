@@ -4,17 +4,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses import (
-    at,
-    at_loss,
-    at_loss_paper,
-    cosine_loss,
-    distillation,
-    feature_distance,
-    input_gradient,
-    input_gradient_loss,
-    symmetry_loss,
-)
+from methods.at import at, at_loss, at_loss_paper
+from methods.cosine import cosine_loss
+from methods.formulas import feature_distance, input_gradient
+from methods.grad_at import input_gradient_loss
+from methods.kd import distillation
+from methods.symmetry import symmetry_loss
 
 
 def test_attention_map_is_normalised_channel_mean_of_squares():

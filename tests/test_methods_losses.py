@@ -16,27 +16,23 @@ import torch
 import torch.nn.functional as F
 from torchdistill.losses import mid_level
 
-from auxiliary import crd_scores, crd_update_memory_
-from losses import (
-    ab_loss,
-    cc_loss,
-    crd_loss,
-    distillation,
-    dkd_loss,
-    fsp_loss,
-    fsp_matrix,
-    ft_loss,
-    hcl_loss,
-    kdsvd_loss,
-    nst_loss,
-    ofd_loss,
-    ofd_margin,
-    pkt_loss,
-    rkd_loss,
-    sp_loss,
-    standardize_logits,
-    vid_loss,
-)
+from methods.ab import ab_loss
+from methods.cc import cc_loss
+from methods.crd import crd_loss
+from methods.crd import scores as crd_scores
+from methods.crd import update_memory_ as crd_update_memory_
+from methods.dkd import dkd_loss
+from methods.fsp import fsp_loss, fsp_matrix
+from methods.ft import ft_loss
+from methods.kd import distillation, standardize_logits
+from methods.kdsvd import kdsvd_loss
+from methods.nst import nst_loss
+from methods.ofd import ofd_loss, ofd_margin
+from methods.pkt import pkt_loss
+from methods.reviewkd import hcl_loss
+from methods.rkd import rkd_loss
+from methods.sp import sp_loss
+from methods.vid import vid_loss
 
 
 def randn(seed, *shapes):

@@ -1,5 +1,5 @@
-"""ReviewKD and OFD as main-stage terms: their learned parts (auxiliary.py) and terms (transfer.py)
-against fp64 transcriptions of mdistiller's ReviewKD and OFD distillers, their weights, and both
+"""ReviewKD and OFD as main-stage terms: their learned parts and terms (methods/reviewkd.py,
+methods/ofd.py) against fp64 transcriptions of mdistiller's ReviewKD and OFD distillers, their weights, and both
 methods through cifar.py."""
 import math
 
@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import auxiliary
 import zoo
 from conftest import run_cli
 from errors import UserError
-from losses import ofd_margin
 from members import join_networks
+from methods import reviewkd
+from methods.ofd import ofd_margin
+from methods.parts import connector_params
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_transfer import as_double, assert_sum_trains_student_not_teacher, double_pair, options, workdir  # noqa: F401
 from utils import flatten
@@ -116,7 +117,7 @@ def double(params):
 
 def test_abf_parameters_follow_mdistiller():
     torch.manual_seed(0)
-    aux = auxiliary.reviewkd_params([8, 16, 32, 32], [16, 32, 64, 64])
+    aux = reviewkd.reviewkd_params([8, 16, 32, 32], [16, 32, 64, 64])
     # the width is min(512, the student's pooled channels): 32; the deepest level does not fuse
     assert [tuple(aux[f'abf{i}']['conv1'].shape) for i in range(4)] == [(32, 8, 1, 1), (32, 16, 1, 1),
                                                                       (32, 32, 1, 1), (32, 32, 1, 1)]
@@ -124,8 +125,8 @@ def test_abf_parameters_follow_mdistiller():
                                                                       (64, 32, 3, 3), (64, 32, 3, 3)]
     assert ['att' in aux[f'abf{i}'] for i in range(4)] == [True, True, True, False]
     assert tuple(aux['abf0']['att']['weight'].shape) == (2, 64, 1, 1)
-    assert auxiliary.reviewkd_params([8, 600], [8, 600])['abf0']['conv1'].shape[0] == 512
-    assert auxiliary.reviewkd_params([8, 32], [8, 32], 16)['abf0']['conv1'].shape[0] == 16
+    assert reviewkd.reviewkd_params([8, 600], [8, 600])['abf0']['conv1'].shape[0] == 512
+    assert reviewkd.reviewkd_params([8, 32], [8, 32], 16)['abf0']['conv1'].shape[0] == 16
     for i in range(4):
         bn = aux[f'abf{i}']['bn2']
         assert bn['weight'].eq(1).all() and bn['bias'].eq(0).all()
@@ -144,13 +145,13 @@ def test_review_is_mdistillers_abf_fusion(mode, student_sizes):
     and at half of them (ShuffleNet's 16, 8, 4 against a ResNet: the outputs are upsampled)."""
     torch.manual_seed(1)
     channels_s, channels_t, sizes_t = [4, 8, 12, 12], [6, 10, 14, 14], [32, 16, 8, 1]
-    params = randomise_bns_(double(flatten(auxiliary.reviewkd_params(channels_s, channels_t, 6), 'aux.reviewkd.')))
+    params = randomise_bns_(double(flatten(reviewkd.reviewkd_params(channels_s, channels_t, 6), 'aux.reviewkd.')))
     features = [torch.randn(3, c, s, s, dtype=torch.float64) for c, s in zip(channels_s, [*student_sizes, 1])]
     abfs = reference_abfs(params, 'aux.reviewkd', 4)
     for abf in abfs:
         abf.train(mode)
     expected = reference_review(abfs, features, [1, *student_sizes[::-1]], sizes_t[::-1])
-    outputs = auxiliary.review(features, params, 'aux.reviewkd', mode, [(s, s) for s in sizes_t])
+    outputs = reviewkd.review(features, params, 'aux.reviewkd', mode, [(s, s) for s in sizes_t])
     assert [tuple(o.shape) for o in outputs] == [(3, c, s, s) for c, s in zip(channels_t, sizes_t)]
     for o, e in zip(outputs, expected):
         torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12)
@@ -165,16 +166,13 @@ def test_review_is_mdistillers_abf_fusion(mode, student_sizes):
 
 def test_ofd_connectors_follow_mdistiller():
     torch.manual_seed(0)
-    margins = [torch.full((c,), -0.5) for c in (64, 128)]
-    aux = auxiliary.ofd_params([32, 64], [64, 128], margins)
+    aux = {f'ofd{g}': connector_params(c_s, c_t) for g, (c_s, c_t) in enumerate([(32, 64), (64, 128)])}
     assert {g: (tuple(p['conv'].shape), tuple(p['bn']['weight'].shape)) for g, p in aux.items()} == {
         'ofd0': ((64, 32, 1, 1), (64,)), 'ofd1': ((128, 64, 1, 1), (128,))}
     # ConnectorConvBN: normal with std sqrt(2 / (k * k * out_channels)), BN scale 1 and shift 0
     for g, c_t in [('ofd0', 64), ('ofd1', 128)]:
         assert abs(aux[g]['conv'].std().item() / math.sqrt(2 / c_t) - 1) < 0.1
         assert aux[g]['bn']['weight'].eq(1).all() and aux[g]['bn']['bias'].eq(0).all()
-        assert aux[g]['margin'] is margins[int(g[-1])]
-    assert auxiliary.is_buffer('aux.ofd0.margin') and not auxiliary.is_buffer('aux.ofd0.conv')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from conftest import ROOT
 
 
 def planned_runs(script, *args, root=ROOT, **env):
+    # the scripts ask `python3 -m methods` for their columns: from a copy elsewhere, it is found on PYTHONPATH
     out = subprocess.run(['bash', os.path.join(root, 'scripts', script), *args], capture_output=True,
-                         text=True, check=True, env={**os.environ, 'CIFAR': 'echo', **env})
+                         text=True, check=True, env={**os.environ, 'CIFAR': 'echo', 'PYTHONPATH': ROOT, **env})
     return [shlex.split(line) for line in out.stdout.splitlines()]
 
 
@@ -177,7 +178,7 @@ def test_crd_table_resumes_and_refuses_a_missing_published_teacher(tmp_path):
         ['--save', 'logs/crd/teacher_vgg13', '--resume', 'logs/crd/teacher_vgg13/model.pt7'],
         ['--save', 'logs/crd/vgg8_from_vgg13', '--resume', 'logs/crd/vgg8_from_vgg13']]
     out = subprocess.run(['bash', str(tmp_path / 'scripts/crd_table.sh')], capture_output=True, text=True,
-                         env={**os.environ, 'CIFAR': 'false', 'TEACHERS': str(tmp_path / 'none')})
+                         env={**os.environ, 'CIFAR': 'false', 'TEACHERS': str(tmp_path / 'none'), 'PYTHONPATH': ROOT})
     assert out.returncode == 2 and out.stdout == ''
     assert out.stderr.strip() == (f'crd_table.sh: {tmp_path}/none/wrn_40_2_vanilla/ckpt_epoch_240.pth does not exist; '
                                   f'fetch RepDistiller\'s teachers into TEACHERS={tmp_path}/none or leave TEACHERS '

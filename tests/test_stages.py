@@ -8,13 +8,13 @@ import signal
 import pytest
 import torch
 
-import auxiliary
 import cifar
 import summarize
 import training
 from cohort import seed_generators
 from conftest import make_image_tree, run_cli, run_in_process
 from data import Loader
+from methods import ft, parts
 from resnet import resnet
 from test_cifar import checkpoint, expect_user_error, log_lines, ok
 from utils import flatten
@@ -243,19 +243,19 @@ def test_the_learned_parts_compute_what_repdistillers_modules_compute():
     for shape_s, shape_t, conv in [((4, 8, 8), (6, 4, 4), nn.Conv2d(4, 6, 3, stride=2, padding=1)),
                                    ((4, 4, 4), (6, 8, 8), nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1)),
                                    ((4, 6, 6), (6, 4, 4), nn.Conv2d(4, 6, (3, 3)))]:
-        params = as_double({'c': auxiliary.convreg_params(shape_s, shape_t)})
+        params = as_double({'c': parts.convreg_params(shape_s, shape_t)})
         (kind,) = {k.split('.')[1] for k in params} - {'bn'}
         module = nn.Sequential(conv, nn.BatchNorm2d(6)).double()
         with torch.no_grad():
             module[0].weight.copy_(params[f'c.{kind}.weight'])
             module[0].bias.copy_(params[f'c.{kind}.bias'])
         x = torch.randn(5, *shape_s, dtype=torch.float64)
-        torch.testing.assert_close(auxiliary.convreg(x, params, 'c', True), module(x), rtol=1e-12, atol=1e-12)
-    assert auxiliary.convreg_params((6, 4, 4), (6, 4, 4)) == {}  # identity where the shapes match
+        torch.testing.assert_close(parts.convreg(x, params, 'c', True), module(x), rtol=1e-12, atol=1e-12)
+    assert parts.convreg_params((6, 4, 4), (6, 4, 4)) == {}  # identity where the shapes match
 
     def leaky(*layers):
         return [m for layer in layers for m in (layer, nn.LeakyReLU(0.1))]
-    params = as_double({'p': auxiliary.paraphraser_params(8, 0.5), 't': auxiliary.translator_params(6, 8, 0.5)})
+    params = as_double({'p': ft.paraphraser_params(8, 0.5), 't': ft.translator_params(6, 8, 0.5)})
     encoder = nn.Sequential(*leaky(nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 1)))
     decoder = nn.Sequential(*leaky(nn.ConvTranspose2d(4, 4, 3, 1, 1), nn.ConvTranspose2d(4, 8, 3, 1, 1),
                                    nn.ConvTranspose2d(8, 8, 3, 1, 1)))
@@ -269,11 +269,11 @@ def test_the_learned_parts_compute_what_repdistillers_modules_compute():
                 m.bias.copy_(params[name + '.bias'])
     encoder, decoder, translator = encoder.double(), decoder.double(), translator.double()
     g_t, g_s = torch.randn(5, 8, 4, 4, dtype=torch.float64), torch.randn(5, 6, 4, 4, dtype=torch.float64)
-    factor = auxiliary.paraphrase(g_t, params, 'p')
+    factor = ft.paraphrase(g_t, params, 'p')
     torch.testing.assert_close(factor, encoder(g_t), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(auxiliary.reconstruct(factor, params, 'p'), decoder(encoder(g_t)), rtol=1e-12,
+    torch.testing.assert_close(ft.reconstruct(factor, params, 'p'), decoder(encoder(g_t)), rtol=1e-12,
                                atol=1e-12)
-    torch.testing.assert_close(auxiliary.translate(g_s, params, 't', True), translator(g_s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ft.translate(g_s, params, 't', True), translator(g_s), rtol=1e-12, atol=1e-12)
 
 
 def test_init_epochs_draw_their_own_batches():
@@ -293,7 +293,7 @@ def test_init_epochs_draw_their_own_batches():
 
 
 @pytest.mark.parametrize('flags, phrases', [
-    (['--init_epochs', 5], ['--init_epochs 5', '--ab_beta, --ft_beta, --fsp_beta']),
+    (['--init_epochs', 5], ['--init_epochs 5', '--ab_beta, --fsp_beta, --ft_beta']),
     (['--init_lr', 0.01], ['--init_lr 0.01', 'none of them is on']),
     (['--ab_beta', 1, '--teacher_id', 'wide', '--init_epochs', 0], ['--ab_beta trains only in the init stage']),
     (['--ft_beta', 1, '--teacher_id', 'wide', '--ft_rate', 0], ['--ft_rate 0', '(0, 1]']),

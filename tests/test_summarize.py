@@ -154,15 +154,19 @@ def test_transfer_options_left_at_their_defaults_group_with_runs_that_predate_th
 
 def test_the_benchmark_methods_at_their_defaults_group_with_runs_that_predate_them():
     import cifar
-    from transfer import BENCHMARK_SETTINGS, BENCHMARK_WEIGHTS
+    import methods
     defaults = vars(cifar.parse_args(['--save', 'x']))
-    new = {k: defaults[k] for k in (*BENCHMARK_WEIGHTS, *BENCHMARK_SETTINGS)}
+    # every flag of the methods but those of the original code (temperature, alpha, beta) and the
+    # init stage (resolved to 0 when a run has none)
+    new = {f.name: defaults[f.name] for f in methods.flags()
+           if f.name not in ('temperature', 'alpha', 'beta', 'init_epochs')}
     before = {**OPTIONS, 'epoch': 3, 'test_acc': 90.0}
     assert summarize.configuration(before) == summarize.configuration({**before, **new})
     dkd = {**before, **new, 'beta': 0, 'dkd_beta': 1.0, 'dkd_nckd': 6.0}
     assert summarize.learns_from_teacher(dkd) and summarize.method_weights(dkd) == 'dkd_beta 1, dkd_nckd 6'
     assert summarize.configuration(dkd) != summarize.configuration({**dkd, 'dkd_nckd': 8.0})
-    assert set(summarize.METHOD_SETTINGS) == set(BENCHMARK_SETTINGS)
+    settings = {f.name for f in methods.flags() if not f.weight} - {'temperature', 'init_lr'}
+    assert set(summarize.METHOD_SETTINGS) == settings  # every setting but these two is shown when changed
 
 
 def test_image_counts_do_not_split_runs_logged_before_them_from_runs_that_log_them():

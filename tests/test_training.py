@@ -7,11 +7,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifar
+import methods
 from devices import cpu_has_bf16, speed_settings, to_channels_last_
 from errors import UserError
 from members import build_members, join_networks, learning_rate, restore
 from meters import MeanStd
-from method_flags import add_benchmark_method_arguments
 from options import epoch_steps
 from resnet import resnet
 from training import make_steps
@@ -22,9 +22,9 @@ def options(**kw):
                 dtype='float', compile='auto', at_p=2, at_form='code', beta_decay=1, grad_beta=0,
                 sym_beta=0, factt_beta=0, fitnet_beta=0, cos_beta=0, aux_weight=0, ngpu=1,
                 deterministic=False, compile_mode='default', precision='auto')
-    methods = argparse.ArgumentParser()
-    add_benchmark_method_arguments(methods)  # all off, settings at their defaults
-    return argparse.Namespace(**{**vars(methods.parse_args([])), **base, **kw})
+    flags = argparse.ArgumentParser()
+    methods.add_arguments(flags)  # all off, settings at their defaults
+    return argparse.Namespace(**{**vars(flags.parse_args([])), **base, **kw})
 
 
 def test_learning_rate_drops_at_each_listed_epoch():
@@ -249,7 +249,7 @@ def steps_of(*flags, speed, teacher=False, epoch=1, device='cpu'):
                             device=torch.device(device), channels_last=speed.channels_last)
     for m in members:
         m.start(speed.fused, 10, 1, torch.device(device))
-        m.weights.update(m.transfer.weights(epoch, []))
+        m.weights.update(m.objective.weights(epoch, []))
     return members, make_steps(members, speed)
 
 

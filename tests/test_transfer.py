@@ -1,4 +1,4 @@
-"""The objective of transfer.py: which terms a set of flags turns on, their weights and extra
+"""The objective (objective.py): which terms a set of flags turns on, their weights and extra
 parameters, the gradient-based penalties' gradients, and every flag through cifar.py."""
 import math
 import os
@@ -11,9 +11,9 @@ import cifar
 from conftest import run_cli, run_in_process
 from errors import UserError
 from members import join_networks
+from objective import Objective
 from resnet import resnet
 from test_cifar import TINY, checkpoint, expect_user_error, log_lines, ok
-from transfer import Transfer
 from utils import batch_norm
 
 ALL_FLAGS = ['--beta', 0.2, '--alpha', 0.9, '--at_p', 4, '--at_form', 'paper', '--beta_decay', 0.1,
@@ -144,8 +144,8 @@ def tiny_networks():
 @pytest.mark.parametrize('term, flags', [('grad_at', ['--grad_beta', 1]), ('symmetry', ['--sym_beta', 1])])
 def test_input_gradient_penalty_gradient_is_correct_and_nonzero(term, flags):
     f_s, f_t, params = tiny_networks()
-    transfer = Transfer(options('--teacher_id', 't', *flags), f_s, f_t)
-    transfer.add_aux_params(params, 6)
+    transfer = Objective(options('--teacher_id', 't', *flags), f_s, f_t)
+    transfer.add_parts(params, 6)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     y = torch.tensor([1, 3])
 
@@ -162,8 +162,8 @@ def test_input_gradient_penalty_gradient_is_correct_and_nonzero(term, flags):
 def test_gradient_penalty_is_zero_when_student_equals_teacher():
     f_s, f_t, params = tiny_networks()
     params['student.conv'], params['student.fc'] = params['teacher.conv'], params['teacher.fc']
-    transfer = Transfer(options('--teacher_id', 't', '--grad_beta', 1), f_s, f_t)
-    transfer.add_aux_params(params, 6)
+    transfer = Objective(options('--teacher_id', 't', '--grad_beta', 1), f_s, f_t)
+    transfer.add_parts(params, 6)
     _, terms = transfer(torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 4]), params, True)
     assert terms['grad_at'].item() < 1e-12 and terms['distillation'].item() > 0
 
@@ -270,10 +270,10 @@ def as_double(params, requires_grad=None):
 
 
 def test_each_method_term_is_its_loss_of_the_networks_outputs():
-    """Every new term, beside AT and standardised KD, is its losses.py function of the outputs
+    """Every new term, beside AT and standardised KD, is its method's loss of the outputs
     RepDistiller hands it: the last groups (SP), pooled features (CC through its embeddings,
     RKD, PKT), each group pair (NST, VID through its regressor), all groups (KDSVD, FSP), logits."""
-    import losses
+    from methods import at, cc, dkd, fsp, kd, kdsvd, nst, pkt, rkd, sp, vid
     opt = options('--teacher_id', 't', '--alpha', 0.9, '--beta', 1e3, '--temperature', 2, '--logit_stand',
                   '--rkd_w_d', 5, '--rkd_w_a', 7, '--kdsvd_k', 2, '--dkd_alpha', 0.5, '--dkd_nckd', 3,
                   *METHOD_FLAGS)
@@ -296,15 +296,15 @@ def test_each_method_term_is_its_loss_of_the_networks_outputs():
         return s
 
     expected = {
-        'distillation': losses.distillation(z_s, z_t, y, 2, 0.9, standardize=True),
-        **{f'at{g}': losses.at_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
-        'sp': losses.sp_loss(g_s[-1], g_t[-1]), 'cc': losses.cc_loss(embed(e_s, 's'), embed(e_t, 't')),
-        'rkd': losses.rkd_loss(e_s, e_t, 5, 7), 'pkt': losses.pkt_loss(e_s, e_t),
-        **{f'nst{g}': losses.nst_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
-        'kdsvd': losses.kdsvd_loss(g_s, g_t, 2), 'fsp': losses.fsp_loss(g_s, g_t),
-        **{f'vid{g}': losses.vid_loss(regress(s, g), t, params[f'aux.vid{g}.log_scale'])
+        'distillation': kd.distillation(z_s, z_t, y, 2, 0.9, standardize=True),
+        **{f'at{g}': at.at_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
+        'sp': sp.sp_loss(g_s[-1], g_t[-1]), 'cc': cc.cc_loss(embed(e_s, 's'), embed(e_t, 't')),
+        'rkd': rkd.rkd_loss(e_s, e_t, 5, 7), 'pkt': pkt.pkt_loss(e_s, e_t),
+        **{f'nst{g}': nst.nst_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
+        'kdsvd': kdsvd.kdsvd_loss(g_s, g_t, 2), 'fsp': fsp.fsp_loss(g_s, g_t),
+        **{f'vid{g}': vid.vid_loss(regress(s, g), t, params[f'aux.vid{g}.log_scale'])
            for g, (s, t) in enumerate(zip(g_s, g_t))},
-        'dkd': losses.dkd_loss(z_s, z_t, y, 0.5, 3, 2, standardize=True)}
+        'dkd': dkd.dkd_loss(z_s, z_t, y, 0.5, 3, 2, standardize=True)}
     assert list(terms) == transfer.term_names(training=False) == list(expected)
     for name, value in expected.items():
         assert value.abs() > 0, name
@@ -359,14 +359,21 @@ def test_networks_hand_out_the_pooled_feature_only_to_methods_that_read_it():
         asked.clear()
         transfer(x, y, params, True)
         assert asked == [('s', pooled), ('t', pooled)], flags
-        assert transfer.teacher_outputs(x, y, params, pooled=True)[3].shape == (2, 64)  # a cohort's other member
+        assert transfer.teacher_outputs(x, y, params, pooled=True).pooled.shape == (2, 64)  # a cohort's other member
 
 
-def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them():
-    """--ab_beta and --ofd_beta ask both networks for preact=True; the pre-ReLU groups reach
-    benchmark_terms as p_s and p_t, and a cohort's teacher forward can ask for them alone."""
+def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them(monkeypatch):
+    """--ab_beta and --ofd_beta ask both networks for preact=True; the pre-ReLU groups reach the
+    methods in the batch's outputs, and a cohort's teacher forward can ask for them alone."""
+    import objective
     f_s, p_s, (f_t, p_t) = double_pair()
     asked, handed = [], []
+
+    class Batch(objective.Batch):  # what the methods' terms are handed
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            handed.append(self)
+    monkeypatch.setattr(objective, 'Batch', Batch)
 
     def spy(f, who):
         def g(*args, **kw):
@@ -380,12 +387,10 @@ def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them():
         transfer, params = join_networks(options('--teacher_id', 't', *flags), spy(f_s, 's'), p_s,
                                          (spy(f_t, 't'), p_t))
         params = as_double(params)
-        benchmark_terms = transfer.benchmark_terms
-        transfer.benchmark_terms = lambda *args, **kw: handed.append(kw) or benchmark_terms(*args, **kw)
         asked.clear(), handed.clear()
         transfer(x, y, params, True)
         assert transfer.preact == preact and asked == [('s', preact), ('t', preact)], flags
-        p_s_, p_t_ = handed[0]['p_s'], handed[0]['p_t']
+        p_s_, p_t_ = handed[0].s.preact, handed[0].t.preact
         if preact:
             assert [p.shape[1] for p in p_s_] == [16, 32, 64] and [p.shape[1] for p in p_t_] == [16, 32, 64]
             with torch.no_grad():
@@ -394,7 +399,7 @@ def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them():
         else:
             assert p_s_ is None and p_t_ is None
         outputs = transfer.teacher_outputs(x, y, params, preact=True)
-        assert len(outputs) == 5 and outputs[3].shape == (2, 64) and len(outputs[4]) == 3
+        assert outputs.pooled.shape == (2, 64) and len(outputs.preact) == 3
 
 
 def test_dkd_warms_up_with_the_epoch():
