@@ -12,17 +12,26 @@ Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
 import argparse
 import os
 
-import distributed
-import zoo
-from checkpoint import CHECKPOINT, check_finite, copy_params_, load_checkpoint, network_params, read_log
-from cohort import start_runs
-from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES, Loader, check_cifar_release, check_cifar_tree, load_cifar
-from devices import uses_channels_last
-from errors import UserError, reports_user_errors
-from members import build_members
-from options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_options, check_paths
+from datasets.cifar import (
+    CROP_PADDING,
+    NORMALIZATION,
+    NUM_CLASSES,
+    Loader,
+    check_cifar_release,
+    check_cifar_tree,
+    load_cifar,
+)
+from engine import distributed
+from engine.checkpoint import CHECKPOINT, check_finite, copy_params_, load_checkpoint, network_params, read_log
+from engine.cohort import check_options, start_runs
+from engine.devices import uses_channels_last
+from engine.errors import UserError
+from engine.members import build_members
+from engine.options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_paths
+from engine.stopping import reports_user_errors
+from engine.training import train
+from models import zoo
 from resnet import resnet
-from training import train
 from utils import DTYPES, print_tensor_dict
 
 TEACHER_FLAGS = ('teacher_id', 'teacher_params')  # either gives a run its teacher

@@ -9,15 +9,16 @@ Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017, s
 """
 import argparse
 
-import distributed
-from cohort import start_runs
-from devices import uses_channels_last
-from errors import UserError, reports_user_errors
-from imagenet_data import ImageFolderLoader, check_image_folders
-from members import build_members
-from options import IMAGENET_RULES, add_common_arguments, check_options, check_paths
+from datasets.imagenet import ImageFolderLoader, check_image_folders
+from engine import distributed
+from engine.cohort import check_options, start_runs
+from engine.devices import uses_channels_last
+from engine.errors import UserError
+from engine.members import build_members
+from engine.options import IMAGENET_RULES, add_common_arguments, check_paths
+from engine.stopping import reports_user_errors
+from engine.training import train
 from resnet import define_student, define_teacher
-from training import train
 from utils import DTYPES, print_tensor_dict
 
 

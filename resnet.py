@@ -22,8 +22,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from checkpoint import check_finite, network_params
-from errors import UserError
+from engine.checkpoint import check_finite, network_params
+from engine.errors import UserError
 from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
 
 

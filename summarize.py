@@ -16,8 +16,9 @@ import statistics
 import sys
 
 import methods
-from checkpoint import LOG, log_records
-from errors import UserError, reports_user_errors
+from engine.checkpoint import LOG, log_records
+from engine.errors import UserError
+from engine.stopping import reports_user_errors
 
 # Options that say where or how fast a run ran, not what it learned.
 NOT_CONFIGURATION = {'seed', 'data_seed', 'save', 'resume', 'cohort', 'dataroot', 'data_root',

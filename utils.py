@@ -10,7 +10,7 @@ from torch.nn.init import kaiming_normal_
 from torch.nn.parallel import gather, parallel_apply, scatter
 from torch.nn.parallel._functions import Broadcast
 
-import distributed
+from engine import distributed
 
 # The losses lived here in the reference code; scripts that import them from utils still work.
 from methods.at import at, at_loss  # noqa: F401

@@ -17,12 +17,12 @@ import pickle
 import torch
 import torch.nn.functional as F
 
-import data
-import imagenet_data
-import zoo
-from checkpoint import CHECKPOINT, copy_params_, load_checkpoint, network_params, read_log
-from errors import UserError, reports_user_errors
+from datasets import cifar, imagenet
+from engine.checkpoint import CHECKPOINT, copy_params_, load_checkpoint, network_params, read_log
+from engine.errors import UserError
+from engine.stopping import reports_user_errors
 from methods.at import at
+from models import zoo
 from resnet import define_student, define_teacher, resnet
 from utils import cast
 
@@ -125,18 +125,18 @@ def cifar_class_names(dataroot, dataset):
         return sorted(d for d in os.listdir(tree) if os.path.isdir(os.path.join(tree, d)))
     meta, key = {'CIFAR10': ('batches.meta', 'label_names'), 'CIFAR100': ('meta', 'fine_label_names')}[dataset]
     try:
-        with open(os.path.join(dataroot, data.RELEASE[dataset][0], meta), 'rb') as f:
-            return list(data.ArrayUnpickler(f, encoding='latin1').load()[key])
+        with open(os.path.join(dataroot, cifar.RELEASE[dataset][0], meta), 'rb') as f:
+            return list(cifar.ArrayUnpickler(f, encoding='latin1').load()[key])
     except (OSError, pickle.UnpicklingError, EOFError, KeyError):
         return None  # labels are then shown as numbers
 
 
 def cifar_images(dataroot, dataset, n, threads, normalization='cifar10'):
     """(uint8 images N x 3 x 32 x 32, normalised float images, labels, class names)."""
-    images, labels = data.load_cifar(dataroot, dataset, False, threads)
+    images, labels = cifar.load_cifar(dataroot, dataset, False, threads)
     pick = evenly_spread(len(images), n, 'test images')
     images, labels = images[pick], labels[pick]
-    return (images, normalise(images, *data.NORMALIZATION[normalization]), labels,
+    return (images, normalise(images, *cifar.NORMALIZATION[normalization]), labels,
             cifar_class_names(dataroot, dataset))
 
 
@@ -164,11 +164,11 @@ def imagenet_networks(params, record, source):
 def imagenet_images(root, n):
     """Validation images as evaluation sees them (resize 256, centre crop 224):
     (uint8 N x 3 x 224 x 224, normalised float images, labels, class names)."""
-    paths, labels, classes = imagenet_data.list_image_folder(os.path.join(root, 'val'))
-    files = imagenet_data.ImageFiles(paths, labels, train=False)
+    paths, labels, classes = imagenet.list_image_folder(os.path.join(root, 'val'))
+    files = imagenet.ImageFiles(paths, labels, train=False)
     pick = evenly_spread(len(files), n, f'images in {root}/val').tolist()
     images = torch.stack([files[(i, 0)][0] for i in pick]).permute(0, 3, 1, 2)
-    return (images, normalise(images, imagenet_data.MEAN, imagenet_data.STD),
+    return (images, normalise(images, imagenet.MEAN, imagenet.STD),
             torch.tensor([labels[i] for i in pick]), classes)
 
 

@@ -31,13 +31,13 @@ from epoch_speed import networks, random_subset  # noqa: E402
 
 import cifar  # noqa: E402
 import methods  # noqa: E402
-import zoo  # noqa: E402
-from cohort import member_runs  # noqa: E402
-from data import Loader  # noqa: E402
-from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from members import build_members  # noqa: E402
+from datasets.cifar import Loader  # noqa: E402
+from engine.cohort import member_runs  # noqa: E402
+from engine.devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from engine.members import build_members  # noqa: E402
+from engine.training import train  # noqa: E402
+from models import zoo  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import train  # noqa: E402
 
 
 def table1_row(seeds):

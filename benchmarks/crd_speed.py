@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from epoch_speed import random_subset  # noqa: E402
 
 import cifar  # noqa: E402
-import zoo  # noqa: E402
-from data import Loader  # noqa: E402
-from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from members import build_members  # noqa: E402
-from training import train  # noqa: E402
+from datasets.cifar import Loader  # noqa: E402
+from engine.devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from engine.members import build_members  # noqa: E402
+from engine.training import train  # noqa: E402
+from models import zoo  # noqa: E402
 
 PROTOCOL = ['--batch_size', '64', '--crop_padding', 'zero', '--normalization', 'cifar100', '--epoch_step', '[]',
             '--lr', '0.05']

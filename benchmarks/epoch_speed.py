@@ -27,11 +27,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
-from data import MEAN, STD, Loader, load_cifar  # noqa: E402
-from devices import cpu_has_bf16, uses_channels_last  # noqa: E402
-from members import build_members  # noqa: E402
+from datasets.cifar import MEAN, STD, Loader, load_cifar  # noqa: E402
+from engine.devices import cpu_has_bf16, uses_channels_last  # noqa: E402
+from engine.members import build_members  # noqa: E402
+from engine.training import train  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import train  # noqa: E402
 from utils import at_loss, distillation  # noqa: E402
 
 

@@ -14,8 +14,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import load_checkpoint, network_params, read_log  # noqa: E402
-from data import NUM_CLASSES, Loader, load_cifar  # noqa: E402
+from datasets.cifar import NUM_CLASSES, Loader, load_cifar  # noqa: E402
+from engine.checkpoint import load_checkpoint, network_params, read_log  # noqa: E402
 from resnet import resnet  # noqa: E402
 
 

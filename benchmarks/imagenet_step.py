@@ -24,11 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagenet  # noqa: E402
-from devices import cpu_has_bf16  # noqa: E402
-from imagenet_data import ImageFiles  # noqa: E402
-from members import build_members  # noqa: E402
+from datasets.imagenet import ImageFiles  # noqa: E402
+from engine.devices import cpu_has_bf16  # noqa: E402
+from engine.members import build_members  # noqa: E402
+from engine.training import train  # noqa: E402
 from resnet import IMAGENET_BLOCKS, define_student, fold_batch_norm, teacher_forward  # noqa: E402
-from training import train  # noqa: E402
 
 
 class RandomBatches:

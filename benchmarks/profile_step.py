@@ -20,11 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
-from cohort import member_runs  # noqa: E402
-from devices import speed_settings  # noqa: E402
-from members import build_members  # noqa: E402
+from engine.cohort import member_runs  # noqa: E402
+from engine.devices import speed_settings  # noqa: E402
+from engine.members import build_members  # noqa: E402
+from engine.training import make_steps  # noqa: E402
 from resnet import resnet  # noqa: E402
-from training import make_steps  # noqa: E402
 
 
 def step_function(args, device):

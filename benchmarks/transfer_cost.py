@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epoch_speed import last_epoch, random_subset  # noqa: E402
 
 import methods  # noqa: E402
-from devices import cpu_has_bf16  # noqa: E402
-from errors import UserError  # noqa: E402
+from engine.devices import cpu_has_bf16  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 
 AT = 'AT'  # the row every other is set against
 

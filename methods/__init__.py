@@ -15,9 +15,9 @@ import functools
 import importlib
 import pkgutil
 
-from errors import UserError
+from engine.errors import UserError
+from engine.rules import OPTIONAL_INTEGER, OPTIONAL_NUMBER, Rule
 from methods.base import DEFAULT_INIT_EPOCHS, KEPT, Flag, Nets, Outputs
-from rules import OPTIONAL_INTEGER, OPTIONAL_NUMBER, Rule
 
 
 @functools.cache
@@ -165,7 +165,7 @@ def probe(teacher, student, num_classes=100, image_size=32):
     builds them."""
     import torch
 
-    import zoo
+    from models import zoo
     f_s, p_s = zoo.network(student, num_classes)
     f_t, p_t = zoo.network(teacher, num_classes)
     x = torch.zeros(1, 3, image_size, image_size)

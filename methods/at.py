@@ -10,9 +10,9 @@ multiplied by --beta_decay at each --epoch_step.
 """
 import torch.nn.functional as F
 
+from engine.rules import NUMBER, Rule, choice
 from methods.base import KEPT, Method, setting, step_schedule, weight
 from methods.formulas import at_least_fp32, same_resolution
-from rules import NUMBER, Rule, choice
 
 
 def at(x, p=2):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from rules import INTEGER, LOSS_WEIGHT, NUMBER, Rule
+from engine.rules import INTEGER, LOSS_WEIGHT, NUMBER, Rule
 
 KEPT = object()  # a flag without a neutral value: always part of a run's configuration
 # RepDistiller's --init_epochs: the init stage of a method that has one.

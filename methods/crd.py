@@ -13,10 +13,10 @@ torchrun) and its forward uncompiled.
 """
 import torch
 
-from errors import UserError
+from engine.errors import UserError
+from engine.rules import NUMBER, Rule
 from methods.base import Method, at_least_one, positive, setting, weight
 from methods.formulas import at_least_fp32
-from rules import NUMBER, Rule
 from utils import linear_params
 
 # RepDistiller's negatives per sample.

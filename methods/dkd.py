@@ -12,10 +12,10 @@ value.
 import torch
 import torch.nn.functional as F
 
+from engine.rules import INTEGER
 from methods.base import Method, not_negative, setting, warmed_up, weight
 from methods.formulas import at_least_fp32
 from methods.kd import standardize_logits
-from rules import INTEGER
 
 # mdistiller's configs/cifar100/dkd/: its beta for the pairs it has a file for (8, its default, elsewhere).
 NCKD = {('resnet56', 'resnet20'): 2, ('resnet110', 'resnet32'): 2, ('wrn_40_2', 'wrn_16_2'): 6,

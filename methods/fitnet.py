@@ -9,10 +9,10 @@ benchmark's.
 """
 import torch.nn.functional as F
 
+from engine.rules import choice
 from methods.base import Method, setting, weight
 from methods.formulas import feature_distance
 from methods.parts import connectable, convreg, convreg_params, same_size
-from rules import choice
 from utils import conv_params
 
 REGRESSORS = ['conv', 'convreg']

@@ -14,12 +14,12 @@ for ResNet and WRN students.
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from engine.errors import UserError
+from engine.rules import NUMBER, Rule
 from methods.at import at
 from methods.base import Method, setting, weight
 from methods.formulas import at_least_fp32, same_resolution
 from methods.parts import conv_with_bias, transposed_conv_with_bias, unit_bnparams
-from rules import NUMBER, Rule
 from utils import batch_norm
 
 

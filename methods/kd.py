@@ -11,10 +11,10 @@ both networks' logits per sample before the temperature, in KD and in DKD.
 """
 import torch.nn.functional as F
 
-from errors import UserError
+from engine.errors import UserError
+from engine.rules import NUMBER, SWITCH_RULE, Rule
 from methods.base import KEPT, Method, positive, setting, weight
 from methods.formulas import at_least_fp32
-from rules import NUMBER, SWITCH_RULE, Rule
 
 
 def distillation(y, teacher_scores, labels, T, alpha, standardize=False):

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from errors import UserError
+from engine.errors import UserError
 from methods.base import Method, weight
 from methods.formulas import at_least_fp32
 from methods.parts import connector, connector_params, same_size

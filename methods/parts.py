@@ -4,7 +4,7 @@ which a method refuses a pair of networks it cannot compare."""
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from engine.errors import UserError
 from utils import batch_norm
 
 

@@ -12,10 +12,10 @@ elsewhere, warmed up over 20 epochs.
 import torch
 import torch.nn.functional as F
 
+from engine.rules import INTEGER
 from methods.base import Method, at_least_one, not_negative, setting, warmed_up, weight
 from methods.formulas import at_least_fp32
 from methods.parts import unit_bnparams
-from rules import INTEGER
 from utils import batch_norm
 
 # mdistiller (and the authors' code) cap the fusion's width at 512 channels.

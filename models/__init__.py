@@ -14,7 +14,7 @@ feature, preact_groups)`, each group before the ReLU that follows it as RepDisti
 group, the BN that sets that value's distribution (mdistiller's `get_bn_before_relu`; None for
 the ShuffleNets, which neither names). Each module's docstring says what its preact groups are.
 The Wide ResNets are `resnet.resnet` itself.
-`zoo.py` names the architectures as the CRD paper's tables do and loads its published
+`models/zoo.py` names the architectures as the CRD paper's tables do and loads its published
 checkpoints.
 
     cifar_resnet      resnet8 ... resnet110, resnet8x4, resnet32x4 (basic blocks)

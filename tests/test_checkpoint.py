@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 import torch
 
-from checkpoint import (
+from engine.checkpoint import (
     WriteFailed,
     append_log,
     copy_params_,
@@ -17,7 +17,7 @@ from checkpoint import (
     repair_log,
     save_checkpoint,
 )
-from errors import UserError
+from engine.errors import UserError
 from resnet import resnet
 
 
@@ -45,6 +45,35 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path):
     b1 = opt.state[next(iter(opt.state))]['momentum_buffer']
     b2 = opt2.state[next(iter(opt2.state))]['momentum_buffer']
     assert torch.equal(b1, b2)
+
+
+def test_optimizer_state_follows_its_parameters_by_name_whatever_their_order(tmp_path):
+    """A later version may build a run's parameters in another order (a method's parts first,
+    say): the momentum of each saved parameter reaches the parameter of its name, for checkpoints
+    that name them and for older ones, whose own params give the order their optimizer had."""
+    def momenta(params, order):
+        trained = [k for k in order if params[k].requires_grad]
+        opt = torch.optim.SGD([params[k] for k in trained], 0.1, momentum=0.9)
+        for i, k in enumerate(trained):
+            params[k].grad = torch.full_like(params[k], float(i + 1))
+        opt.step()
+        return opt, {k: opt.state[params[k]]['momentum_buffer'] for k in trained}
+
+    _, params = resnet(10, 1, 10)
+    opt, saved = momenta(params, list(params))
+    save_checkpoint(str(tmp_path), params, opt, 1)
+    state = load_checkpoint(str(tmp_path / 'model.pt7'))
+    assert state['optimizer']['param_groups'][0]['param_names'] == list(saved)
+    older = {**state['optimizer'], 'param_groups': [{k: v for k, v in g.items() if k != 'param_names'}
+                                                    for g in state['optimizer']['param_groups']]}
+    for optimizer_state in (state['optimizer'], older):
+        _, fresh = resnet(10, 1, 10)
+        reordered = list(reversed(fresh))
+        names = [k for k in reordered if fresh[k].requires_grad]
+        opt2 = torch.optim.SGD([fresh[k] for k in names], 0.1, momentum=0.9)
+        load_optimizer_state(opt2, optimizer_state, 'ckpt', names, state['params'])
+        for k in names:
+            assert torch.equal(opt2.state[fresh[k]]['momentum_buffer'], saved[k]), k
 
 
 def full_disk_halfway(real_save=torch.save):

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 import cifar
 import summarize
 import visualize
-import zoo
 from conftest import check_png, run_cli, run_in_process
-from data import Loader, random_crop_flip
+from datasets.cifar import Loader, random_crop_flip
 from methods.at import at_loss, at_loss_paper
+from models import zoo
 from repdistiller_reference import REFERENCES
 from test_cifar import checkpoint, expect_user_error, log_lines, ok
 

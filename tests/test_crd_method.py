@@ -12,7 +12,7 @@ import torch
 
 import cifar
 from conftest import run_in_process
-from errors import UserError
+from engine.errors import UserError
 from methods.crd import classes_of as crd_classes
 from methods.crd import negatives as crd_negatives
 from test_cifar import checkpoint, expect_user_error, log_lines, ok

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from data import Loader
-from members import join_networks
+from datasets.cifar import Loader
+from engine.members import join_networks
 from resnet import define_student, resnet
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_training import cpu_speed, steps_of

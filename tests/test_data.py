@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_image_tree
-from data import MEAN, STD, Loader, load_cifar, random_crop_flip, reflect
-from errors import UserError
+from datasets.cifar import MEAN, STD, Loader, load_cifar, random_crop_flip, reflect
+from engine.errors import UserError
 
 
 def candidates(image, pad):
@@ -126,7 +126,7 @@ def test_images_in_sub_folders_of_a_class_count_as_torchvision_imagefolder_count
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    from data import list_image_tree
+    from datasets.cifar import list_image_tree
     root = make_image_tree(str(tmp_path / 'data'), n_train=20, n_test=10)
     for sub in ('more', 'more/deeper', 'a b', 'z'):
         os.makedirs(tmp_path / 'data/train/class3' / sub)
@@ -142,7 +142,7 @@ def test_images_in_sub_folders_of_a_class_count_as_torchvision_imagefolder_count
 
 
 def test_a_link_to_a_folder_above_is_refused_rather_than_listed_at_every_level(tmp_path):
-    from data import list_image_tree
+    from datasets.cifar import list_image_tree
     root = make_image_tree(str(tmp_path), n_train=10, n_test=10)
     os.symlink(tmp_path / 'train/class2', tmp_path / 'train/class2/loop')
     with pytest.raises(UserError, match='class2/loop links to .*class2, a folder above it'):
@@ -170,7 +170,7 @@ def test_a_damaged_release_batch_is_refused_naming_the_file(python_release, tmp_
     with open(path, 'rb') as f:
         batch = pickle.load(f)
     write_batch(path, **damage(batch))
-    from data import check_cifar_release
+    from datasets.cifar import check_cifar_release
     with pytest.raises(UserError, match='data_batch_3') as e:
         check_cifar_release(str(tmp_path / 'r'), 'CIFAR10')
     assert message in str(e.value) and 'unpack the CIFAR10 python release there again' in str(e.value)
@@ -204,7 +204,7 @@ def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch, 
     """Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; 32x32 is 1,024 pixels."""
     from PIL import Image
 
-    from data import decode_images
+    from datasets.cifar import decode_images
     make_image_tree(str(tmp_path), n_train=10, n_test=10)
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
     files = sorted(str(p) for p in (tmp_path / 'test').rglob('*.png'))

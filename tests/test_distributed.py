@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import distributed
-from errors import RunStopped, UserError
-from stopping import NonFiniteWatch
+from engine import distributed
+from engine.errors import RunStopped, UserError
+from engine.stopping import NonFiniteWatch
 from test_training import HostReads, cpu_speed, options, steps_of
 
 
@@ -86,7 +86,7 @@ def test_every_process_stops_when_one_diverges(tmp_path):
 def progress_and_log_of_two_ranks(rank, world):
     """Three global batches of 9 samples (5 on rank 0, 4 on rank 1), each process's own loss
     on its slice: what the progress bar shows and what the epoch's log line will say."""
-    from meters import MeanStd, shown_loss
+    from engine.meters import MeanStd, shown_loss
     meter = MeanStd()
     for loss in ([2.0, 1.0, 3.0], [4.0, 0.5, 1.0])[rank]:
         meter.update((torch.tensor(loss), distributed.share(9)))
@@ -112,7 +112,7 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
 
 
 def test_ngpu_needs_that_many_visible_gpus_and_gpu_id_is_honoured(monkeypatch, capsys):
-    from devices import choose_device
+    from engine.devices import choose_device
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3')
@@ -128,12 +128,12 @@ def test_ngpu_needs_that_many_visible_gpus_and_gpu_id_is_honoured(monkeypatch, c
 def test_only_rank_0_reports_an_error_and_the_others_leave_after_it(monkeypatch, capsys, main_rank):
     """torchrun kills the other processes once one exits with an error: a rank other than 0
     that left at once could take rank 0's one line with it."""
-    import errors
+    from engine import stopping
     waits = []
     monkeypatch.setattr(distributed, 'is_main', lambda: main_rank)
-    monkeypatch.setattr(errors.time, 'sleep', waits.append)
+    monkeypatch.setattr(stopping.time, 'sleep', waits.append)
 
-    @errors.reports_user_errors
+    @stopping.reports_user_errors
     def main():
         raise UserError('--lr -1.0 is not positive')
 
@@ -141,7 +141,7 @@ def test_only_rank_0_reports_an_error_and_the_others_leave_after_it(monkeypatch,
         main()
     assert stop.value.code == 2
     assert capsys.readouterr().err.endswith('error: --lr -1.0 is not positive\n') == main_rank
-    assert waits == ([] if main_rank else [errors.RANK_0_REPORTS_S]) and errors.RANK_0_REPORTS_S >= 1
+    assert waits == ([] if main_rank else [stopping.RANK_0_REPORTS_S]) and stopping.RANK_0_REPORTS_S >= 1
 
 
 def rank_process(launcher_pid, rank):

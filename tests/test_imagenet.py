@@ -12,8 +12,8 @@ from PIL import Image
 
 import imagenet
 from conftest import run_cli, run_in_process
-from errors import UserError
-from imagenet_data import ImageFolderLoader, center_crop_box, random_resized_crop_box
+from datasets.imagenet import ImageFolderLoader, center_crop_box, random_resized_crop_box
+from engine.errors import UserError
 from resnet import define_student, define_teacher, from_torchvision
 
 

@@ -9,7 +9,7 @@ import time
 
 import cifar
 from conftest import run_cli, run_in_process
-from run_lock import lock_run_dir, release_run_dirs
+from engine.run_lock import lock_run_dir, release_run_dirs
 from test_runs_survive import start, wait_for_log_lines
 
 LONG = ['--depth', 10, '--width', 1, '--batch_size', 10, '--nthread', 2, '--seed', 3, '--epochs', 30]

@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 
 import cifar
-import data
 import imagenet
+import methods
 from conftest import make_image_tree, run_cli
-from data import load_cifar
-from errors import UserError
-from options import CIFAR_RULES, IMAGENET_RULES, RULES, check_option
+from datasets import cifar as cifar_data
+from datasets.cifar import load_cifar
+from engine.errors import UserError
+from engine.options import CIFAR_RULES, IMAGENET_RULES, RULES, check_option
 
 
 def make_image_folder(root, classes=3):
@@ -87,7 +88,7 @@ def tripwires(monkeypatch, workdir):
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(cifar, 'start_runs', reached)
     monkeypatch.setattr(imagenet, 'start_runs', reached)
-    monkeypatch.setattr(data, 'decode_images', reached)
+    monkeypatch.setattr(cifar_data, 'decode_images', reached)
     return workdir
 
 
@@ -328,6 +329,9 @@ DIRECT_CASES = [
     (RULES, 'init_epochs', 2.5, '--init_epochs 2.5 is not a whole number'),
     (RULES, 'init_lr', 0, '--init_lr 0 is not positive'),
     (RULES, 'init_lr', '0.01', "--init_lr '0.01' is not a number"),
+    # every method's flags, those of methods added later too: a value of the wrong kind, a negative weight
+    *[(RULES, f.name, {bool: 1, int: 2.5, str: 0}.get(f.type, 'x'), f'--{f.name}') for f in methods.flags()],
+    *[(RULES, f.name, -1, f'--{f.name} -1 is') for f in methods.flags() if f.weight],
 ]
 
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import zoo
 from conftest import run_cli
-from errors import UserError
-from members import join_networks
+from engine.errors import UserError
+from engine.members import join_networks
 from methods import reviewkd
 from methods.ofd import ofd_margin
 from methods.parts import connector_params
+from models import zoo
 from test_cifar import TINY, checkpoint, log_lines, ok
 from test_transfer import as_double, assert_sum_trains_student_not_teacher, double_pair, options, workdir  # noqa: F401
 from utils import flatten
@@ -215,7 +215,7 @@ def test_reviewkd_term_is_mdistillers_forward():
 
 
 def test_reviewkd_weight_warms_up_and_its_settings_enter_the_forward():
-    from training import forward_options
+    from engine.training import forward_options
     transfer, _ = join_networks(options('--teacher_id', 't', '--reviewkd_beta', 5, '--reviewkd_warmup', 4),
                                 *double_pair(0.5))
     assert [transfer.weights(e, [])['reviewkd'] for e in range(1, 7)] == [1.25, 2.5, 3.75, 5, 5, 5]

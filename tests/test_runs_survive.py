@@ -174,7 +174,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_completes_it(imag
     assert epochs_logged(tmp_path / 'logs/w') == [1, 2]
 
     appends_log = lambda path, mode='r', *_: path.endswith('log.txt') and mode == 'a'  # noqa: E731
-    with mock.patch('checkpoint.open', full_disk_at(2, open, appends_log), create=True):
+    with mock.patch('engine.checkpoint.open', full_disk_at(2, open, appends_log), create=True):
         r = run_in_process(cifar.main, *run[:-1], 'logs/l', cwd=tmp_path)
     assert r.returncode == 74, r.stderr[-2000:]
     assert ('cannot write logs/l/log.txt (No space left on device); the checkpoint logs/l/model.pt7 (after '

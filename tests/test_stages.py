@@ -10,10 +10,10 @@ import torch
 
 import cifar
 import summarize
-import training
-from cohort import seed_generators
 from conftest import make_image_tree, run_cli, run_in_process
-from data import Loader
+from datasets.cifar import Loader
+from engine import training
+from engine.cohort import seed_generators
 from methods import ft, parts
 from resnet import resnet
 from test_cifar import checkpoint, expect_user_error, log_lines, ok

@@ -14,8 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import cifar
 import summarize
-import tensorboard_log
 from conftest import run_in_process
+from engine import tensorboard_log
 from test_cifar import expect_user_error, log_lines, ok
 from test_runs_survive import load, start
 

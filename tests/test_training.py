@@ -8,13 +8,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifar
 import methods
-from devices import cpu_has_bf16, speed_settings, to_channels_last_
-from errors import UserError
-from members import build_members, join_networks, learning_rate, restore
-from meters import MeanStd
-from options import epoch_steps
+from engine.devices import cpu_has_bf16, speed_settings, to_channels_last_
+from engine.errors import UserError
+from engine.members import build_members, join_networks, learning_rate, restore
+from engine.meters import MeanStd
+from engine.options import epoch_steps
+from engine.training import make_steps
 from resnet import resnet
-from training import make_steps
 
 
 def options(**kw):
@@ -238,7 +238,7 @@ def steps_of(*flags, speed, teacher=False, epoch=1, device='cpu'):
     with `teacher`) ready to step on `device`, and their training and evaluation steps."""
     opt = cifar.parse_args(['--save', 'unused', '--depth', '10', '--width', '0.5', '--seed', '0',
                             *(['--teacher_id', 't'] if teacher else []), *map(str, flags)])
-    from cohort import member_runs
+    from engine.cohort import member_runs
     runs = member_runs(opt, cifar.CIFAR_RULES, 'teacher_id')
     for run in runs:
         run.seed = 0 if run.seed is None else run.seed

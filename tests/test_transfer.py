@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import cifar
 from conftest import run_cli, run_in_process
-from errors import UserError
-from members import join_networks
-from objective import Objective
+from engine.errors import UserError
+from engine.members import join_networks
+from engine.objective import Objective
 from resnet import resnet
 from test_cifar import TINY, checkpoint, expect_user_error, log_lines, ok
 from utils import batch_norm
@@ -365,7 +365,7 @@ def test_networks_hand_out_the_pooled_feature_only_to_methods_that_read_it():
 def test_networks_hand_out_pre_relu_groups_only_to_methods_that_read_them(monkeypatch):
     """--ab_beta and --ofd_beta ask both networks for preact=True; the pre-ReLU groups reach the
     methods in the batch's outputs, and a cohort's teacher forward can ask for them alone."""
-    import objective
+    from engine import objective
     f_s, p_s, (f_t, p_t) = double_pair()
     asked, handed = [], []
 
@@ -422,7 +422,7 @@ def test_method_settings_that_cannot_train_are_refused():
 
 
 def test_runs_share_a_compiled_forward_only_with_the_same_settings():
-    from training import forward_options
+    from engine.training import forward_options
     base = forward_options(options('--teacher_id', 't', '--rkd_beta', 1, '--dkd_beta', 1))
     assert forward_options(options('--teacher_id', 't', '--rkd_beta', 2, '--dkd_beta', 3, '--dkd_warmup', 5)) == base
     for flags in (['--rkd_w_d', 1], ['--rkd_w_a', 1], ['--kdsvd_k', 2], ['--cc_dim', 64], ['--dkd_alpha', 2],

@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import zoo
-from errors import UserError
-from models import shufflenetv2
+from engine.errors import UserError
+from models import shufflenetv2, zoo
 from repdistiller_reference import REFERENCES
 
 # Parameter counts of RepDistiller's modules for 100 classes (state dict without num_batches_tracked).

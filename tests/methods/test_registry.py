@@ -10,9 +10,9 @@ import torch
 
 import methods
 from conftest import ROOT
-from members import join_networks
+from engine.members import join_networks
+from engine.rules import check_option
 from resnet import resnet
-from rules import check_option
 
 METHODS = methods.all_methods()
 
@@ -105,7 +105,7 @@ def test_each_method_computes_the_terms_it_declares_and_trains_its_parts(m):
 @pytest.mark.parametrize('table', methods.TABLES)
 def test_every_column_is_a_valid_cohort_member(table):
     import cifar
-    from cohort import member_runs
+    from engine.cohort import member_runs
     pairs = {'table1': [('wrn_16_2', 'wrn_16_1')], 'crd': [('resnet32x4', 'resnet8x4'), ('vgg13', 'MobileNetV2')]}
     for teacher, student in pairs[table]:
         members = methods.cohort(table, teacher, student, [1, 2])

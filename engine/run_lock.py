@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from errors import UserError
+from engine.errors import UserError
 
 LOCK = 'run.lock'
 # Checkpoints are written to a temporary file of this shape beside model.pt7 and renamed over

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-import distributed
-from checkpoint import (
+from engine import distributed
+from engine.checkpoint import (
     CHECKPOINT,
     check_finite,
     copy_params_,
@@ -17,11 +17,11 @@ from checkpoint import (
     saved_param_names,
     set_rng_state,
 )
-from cohort import seed_generators
-from meters import Meters
+from engine.cohort import seed_generators
+from engine.meters import Meters
+from engine.objective import Objective, kind
+from engine.stopping import NonFiniteWatch
 from methods.base import step_schedule
-from objective import Objective, kind
-from stopping import NonFiniteWatch
 from utils import cast
 
 # ----------------------------------------------------------------------------------------------

@@ -25,22 +25,21 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-import distributed
 import methods
-import tensorboard_log
-from checkpoint import (
+from engine import distributed, tensorboard_log
+from engine.checkpoint import (
     WriteFailed,
     append_log,
     rng_state,
     save_checkpoint,
 )
-from devices import speed_settings, uses_channels_last
-from errors import LostProcess, RunStopped
-from members import checkpoint_position, learning_rate
-from meters import shown_loss
-from objective import kind
-from options import epoch_steps
-from stopping import WRITE_FAILED, SignalStop, resume_flags, standing_checkpoints, write_failure
+from engine.devices import speed_settings, uses_channels_last
+from engine.errors import LostProcess, RunStopped
+from engine.members import checkpoint_position, learning_rate
+from engine.meters import shown_loss
+from engine.objective import kind
+from engine.options import epoch_steps
+from engine.stopping import WRITE_FAILED, SignalStop, resume_flags, standing_checkpoints, write_failure
 
 # ----------------------------------------------------------------------------------------------
 # The steps

@@ -3,7 +3,7 @@ term, and its accuracy, kept on the device until the epoch ends (no host sync pe
 import torch
 from ignite.metrics import Accuracy, Metric, TopKCategoricalAccuracy
 
-import distributed
+from engine import distributed
 
 
 class MeanStd(Metric):

@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from checkpoint import check_finite
-from errors import UserError
+from engine.checkpoint import check_finite
+from engine.errors import UserError
 from models import cifar_resnet, mobilenetv2, resnet_bottleneck, shufflenetv1, shufflenetv2, vgg
 from resnet import resnet
 

@@ -7,7 +7,7 @@ say) meet the same rules as flags."""
 import math
 from collections import namedtuple
 
-from errors import UserError
+from engine.errors import UserError
 
 Kind = namedtuple('Kind', 'types name')
 # bool is an int to Python, but `--alpha true` in JSON is a mistake, not the number 1.

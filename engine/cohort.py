@@ -18,13 +18,13 @@ import random
 import numpy as np
 import torch
 
-import distributed
 import methods
-from checkpoint import CHECKPOINT, LOG, load_checkpoint
-from devices import choose_device
-from errors import UserError
-from options import check_run_options, resolve_init_stage
-from run_lock import lock_run_dir
+from engine import distributed, tensorboard_log
+from engine.checkpoint import CHECKPOINT, LOG, load_checkpoint
+from engine.devices import choose_device
+from engine.errors import UserError
+from engine.options import check_run_options, resolve_init_stage
+from engine.run_lock import lock_run_dir
 
 # What may differ between the members of a cohort: the loss (every flag of the transfer methods and
 # their init stage) and the initialisation. Everything else (architecture, teacher, data, schedule,
@@ -63,6 +63,17 @@ def check_name(name, names):
                         f'"name" such as "at-1" (its run goes to <--save>/<name>/)')
     if name in names:
         raise UserError(f'--cohort names two members {name!r}; each member needs its own "name"')
+
+
+def check_options(opt, rules, teacher_flag):
+    """Refuses, before anything is loaded or written, any option outside its rule and the
+    combinations that cannot train; for a cohort, the same for every member's options."""
+    check_run_options(opt, rules, teacher_flag)
+    if opt.tensorboard == 'on' and not tensorboard_log.available():
+        raise UserError('--tensorboard on needs the tensorboard package, which is not installed; '
+                        'pip install tensorboard, or use --tensorboard auto or off')
+    if opt.cohort:
+        member_runs(opt, rules, teacher_flag)
 
 
 def member_runs(opt, rules, teacher_flag):

@@ -19,8 +19,8 @@ import sys
 import numpy as np
 import torch
 
-from errors import UserError
-from run_lock import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
+from engine.errors import UserError
+from engine.run_lock import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
 
 CHECKPOINT = 'model.pt7'
 LOG = 'log.txt'

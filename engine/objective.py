@@ -16,7 +16,7 @@ trained and checkpointed with the student, never deployed with it (add_parts).
 import torch
 
 import methods
-from errors import UserError
+from engine.errors import UserError
 from methods.base import Nets, Outputs
 from methods.formulas import input_gradient
 from utils import data_parallel, flatten, set_requires_grad_except_bn_

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from engine.errors import UserError
 
 
 def launched_by_torchrun():

@@ -5,7 +5,7 @@ written.
 and the accepted range in words, from which the one-line error is made; `CIFAR_RULES` and
 `IMAGENET_RULES` add the flags of each script. `check_option(flag, value)` applies one rule to
 one value, so options that arrive some other way than the command line (numbers read from JSON,
-say) meet the same rules. `check_options` applies a script's whole table, then the checks that
+say) meet the same rules. `check_run_options` applies a script's whole table, then the checks that
 involve several flags; `check_paths` looks at the files and folders the options name without
 reading any data or writing anything.
 """
@@ -14,16 +14,13 @@ import os
 import re
 from types import SimpleNamespace
 
-import distributed
 import methods
-import tensorboard_log
-from checkpoint import CHECKPOINT, LOG, read_log
-from data import CROP_PADDING, NORMALIZATION, NUM_CLASSES
-from devices import cpu_has_bf16
-from errors import UserError
-from methods.base import DEFAULT_INIT_EPOCHS
-from resnet import IMAGENET_BLOCKS, wrn_block_count
-from rules import (
+from datasets.cifar import CROP_PADDING, NORMALIZATION, NUM_CLASSES
+from engine import distributed, tensorboard_log
+from engine.checkpoint import CHECKPOINT, LOG, read_log
+from engine.devices import cpu_has_bf16
+from engine.errors import UserError
+from engine.rules import (
     ANY_TEXT,
     INTEGER,
     NUMBER,
@@ -33,9 +30,11 @@ from rules import (
     Rule,
     choice,
 )
-from rules import check_option as check_rule
+from engine.rules import check_option as check_rule
+from methods.base import DEFAULT_INIT_EPOCHS
+from models.zoo import ARCHS
+from resnet import IMAGENET_BLOCKS, wrn_block_count
 from utils import DTYPES
-from zoo import ARCHS
 
 # numpy's legacy generator takes seeds below 2**32, and the loaders seed torch generators with
 # seed * 100003 + epoch, which must stay below 2**64: 2**32 keeps both. A drawn seed is below 2**31.
@@ -189,18 +188,6 @@ def check_option(flag, value, rules=RULES):
     """Returns `value` if the rule of --flag accepts it; otherwise raises a one-line UserError
     naming the flag, the value and what is accepted (rules.check_option)."""
     return check_rule(flag, value, rules)
-
-
-def check_options(opt, rules, teacher_flag):
-    """Refuses, before anything is loaded or written, any option outside its rule and the
-    combinations that cannot train; for a cohort, the same for every member's options."""
-    check_run_options(opt, rules, teacher_flag)
-    if opt.tensorboard == 'on' and not tensorboard_log.available():
-        raise UserError('--tensorboard on needs the tensorboard package, which is not installed; '
-                        'pip install tensorboard, or use --tensorboard auto or off')
-    if opt.cohort:
-        from cohort import member_runs  # cohort.py checks each member with check_run_options
-        member_runs(opt, rules, teacher_flag)
 
 
 def check_run_options(opt, rules, teacher_flag):

@@ -1,13 +1,47 @@
 """Why a run stops early, and how it stops without losing anything: on SIGTERM/SIGINT it
 finishes the current step, writes a checkpoint and exits; on a non-finite loss it exits
 before writing one, so the last good checkpoint stays; when the disk refuses a checkpoint or log
-line it exits naming what is intact. Each way ends with one line that says how to resume."""
+line it exits naming what is intact. Each way ends with one line that says how to resume, and
+every script reports a user's error and a stopped run the same way (reports_user_errors)."""
+import functools
+import os
 import signal
+import sys
+import time
 
 import torch
 
-import distributed
-from errors import RunStopped
+from engine import distributed
+from engine.errors import LostProcess, RunStopped, UserError
+from engine.run_lock import release_run_dirs
+
+RANK_0_REPORTS_S = 5  # how long the other ranks wait for rank 0 to report an error
+
+
+def reports_user_errors(main):
+    """Wraps a script's main: UserError and RunStopped become one line on stderr (from rank 0
+    only under torchrun) and their exit code."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (UserError, RunStopped) as e:
+            if distributed.is_main() or isinstance(e, LostProcess):
+                print(f'{os.path.basename(sys.argv[0])}: {"error: " if isinstance(e, UserError) else ""}{e}',
+                      file=sys.stderr, flush=True)
+            else:
+                # torchrun stops every process as soon as one fails: had this rank left first,
+                # rank 0 could be killed before its line is out. Every rank meets the same error
+                # at about the same point: rank 0 needs moments, and the wait is generous.
+                time.sleep(RANK_0_REPORTS_S)
+            if not isinstance(e, LostProcess):  # tearing down a group with a dead member could wait on it
+                distributed.shutdown()
+            sys.exit(e.exit_code if isinstance(e, RunStopped) else 2)
+        finally:
+            # Whatever ended the command (an error of any kind, a finished run), its run folders
+            # are free again; a process killed outright leaves a lock file the next one takes over.
+            release_run_dirs()
+    return wrapper
 
 
 class SignalStop:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import distributed
-from data import check_same_classes, list_image_tree, open_image, refusing_decompression_bombs
-from errors import UserError
+from datasets.cifar import check_same_classes, list_image_tree, open_image, refusing_decompression_bombs
+from engine import distributed
+from engine.errors import UserError
 
 # Per-channel statistics of the ImageNet training set on the 0..255 scale (torchvision's).
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import torch
 
-import distributed
 import methods
-from errors import UserError
+from engine import distributed
+from engine.errors import UserError
 
 
 def choose_device(opt):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import distributed
-from errors import UserError
+from engine import distributed
+from engine.errors import UserError
 
 # Per-channel statistics of the CIFAR-10 training set on the 0..255 scale, as in the reference
 # code; used for CIFAR-100 too unless --normalization cifar100 asks for CIFAR-100's own, which
