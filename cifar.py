@@ -9,6 +9,10 @@ distillation (KD).
 
 Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
 """
+if __name__ == '__main__':  # before the imports, which take seconds: Ctrl-C meanwhile ends in one line
+    from engine.errors import stop_quietly_on_signals
+    stop_quietly_on_signals()
+
 import argparse
 import os
 
@@ -21,18 +25,17 @@ from datasets.cifar import (
     check_cifar_tree,
     load_cifar,
 )
-from engine import distributed
 from engine.checkpoint import CHECKPOINT, check_finite, copy_params_, load_checkpoint, network_params, read_log
-from engine.cohort import check_options, start_runs
-from engine.devices import uses_channels_last
+from engine.cohort import check_options, resumed_options, start_runs
+from engine.devices import usable_cores, uses_channels_last
 from engine.errors import UserError
 from engine.members import build_members
-from engine.options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_paths
+from engine.options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_paths, given_flags
 from engine.stopping import reports_user_errors
 from engine.training import train
 from models import zoo
 from resnet import resnet
-from utils import DTYPES, print_tensor_dict
+from utils import DTYPES
 
 TEACHER_FLAGS = ('teacher_id', 'teacher_params')  # either gives a run its teacher
 
@@ -48,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument('--dataset', default='CIFAR10', type=str, choices=sorted(NUM_CLASSES))
     p.add_argument('--dataroot', default='.', type=str)
     p.add_argument('--dtype', default='float', type=str, choices=sorted(DTYPES))
-    p.add_argument('--nthread', default=4, type=int, help='threads for decoding an image tree')
+    p.add_argument('--nthread', default=usable_cores(), type=int,
+                   help='threads for decoding an image tree (default: the cores this process may use)')
     p.add_argument('--teacher_id', default='', type=str, help='teacher run, read from logs/<id>/')
     p.add_argument('--teacher_params', default='', type=str,
                    help="teacher from a RepDistiller checkpoint (e.g. resnet32x4_vanilla/ckpt_epoch_240.pth)")
@@ -61,14 +65,19 @@ def parse_args(argv=None):
     p.add_argument('--epoch_step', default='[60,120,160]', type=str, help='json list with epochs to drop lr on')
     p.add_argument('--lr_decay_ratio', default=0.2, type=float)
     p.add_argument('--resume', default='', type=str,
-                   help="model.pt7 to continue from (a cohort: the cohort's --save directory)")
+                   help="model.pt7 (or its folder) to continue from, a cohort's folder for a cohort; the options "
+                        "not given are the checkpoint's, and --save its folder")
     p.add_argument('--randomcrop_pad', default=4, type=float)
     p.add_argument('--crop_padding', default='reflect', type=str,
                    help=f'what the random crop pads with: {" or ".join(CROP_PADDING)} (zero: black, as RepDistiller)')
     p.add_argument('--normalization', default='cifar10', type=str,
                    help=f'mean/std of the input: {" or ".join(NORMALIZATION)} (cifar100: its own, as RepDistiller)')
+    p.add_argument('--train_per_class', default=0, type=int, metavar='N',
+                   help='train on the first N images of each class only (0: all), e.g. 500 for a first look')
+    p.add_argument('--test_per_class', default=0, type=int, metavar='N',
+                   help='test on the first N images of each class only (0: all)')
     add_common_arguments(p)
-    opt = p.parse_args(argv)
+    opt = resumed_options(p.parse_args(argv), given_flags(p, argv))
     check_options(opt, CIFAR_RULES, TEACHER_FLAGS)
     check_cifar_networks(opt)
     return opt
@@ -140,8 +149,8 @@ def main(argv=None):
     num_classes = NUM_CLASSES[opt.dataset]
 
     teacher = load_teacher(opt, num_classes)  # before the data: a file that does not fit is refused at once
-    train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread)
-    test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread)
+    train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread, opt.train_per_class)
+    test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread, opt.test_per_class)
     layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt), normalization=opt.normalization)
     train_loader = Loader(train_images.to(device), train_labels.to(device), opt.batch_size, train=True,
                           pad=int(opt.randomcrop_pad), padding=opt.crop_padding, seed=opt.data_seed, **layout)
@@ -151,8 +160,6 @@ def main(argv=None):
     members = build_members(runs, lambda: network(opt.arch, opt.depth, opt.width, num_classes), teacher,
                             image_size=32, device=device, channels_last=layout['channels_last'],
                             train_labels=train_loader.labels)
-    if distributed.is_main():
-        print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
     train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device,
           n_images=(len(train_images), len(test_images)))

@@ -7,19 +7,22 @@ transfer on the outputs of the four groups (AT) and knowledge distillation (KD).
 
 Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017, section 4.2.
 """
+if __name__ == '__main__':  # before the imports, which take seconds: Ctrl-C meanwhile ends in one line
+    from engine.errors import stop_quietly_on_signals
+    stop_quietly_on_signals()
+
 import argparse
 
 from datasets.imagenet import ImageFolderLoader, check_image_folders
-from engine import distributed
-from engine.cohort import check_options, start_runs
-from engine.devices import uses_channels_last
+from engine.cohort import check_options, resumed_options, start_runs
+from engine.devices import usable_cores, uses_channels_last
 from engine.errors import UserError
 from engine.members import build_members
-from engine.options import IMAGENET_RULES, add_common_arguments, check_paths
+from engine.options import IMAGENET_RULES, add_common_arguments, check_paths, given_flags
 from engine.stopping import reports_user_errors
 from engine.training import train
 from resnet import define_student, define_teacher
-from utils import DTYPES, print_tensor_dict
+from utils import DTYPES
 
 
 def parse_args(argv=None):
@@ -29,8 +32,8 @@ def parse_args(argv=None):
     p.add_argument('--depth', default=18, type=int, help='student depth: 18 or 34')
     p.add_argument('--width', default=1, type=float)
     p.add_argument('--dtype', default='float', type=str, choices=sorted(DTYPES))
-    p.add_argument('--nthread', default=4, type=int,
-                   help='image decoding worker processes (about one per free CPU core on a GPU box)')
+    p.add_argument('--nthread', default=usable_cores(), type=int,
+                   help='image decoding worker processes (default: the cores this process may use)')
     p.add_argument('--teacher_params', default='', type=str,
                    help='teacher weights: torchvision resnet18/34 state dict, BN-folded export or model.pt7')
     # Training options
@@ -41,9 +44,10 @@ def parse_args(argv=None):
     p.add_argument('--epoch_step', default='[30,60,90]', type=str, help='json list with epochs to drop lr on')
     p.add_argument('--lr_decay_ratio', default=0.1, type=float)
     p.add_argument('--resume', default='', type=str,
-                   help="model.pt7 to continue from (a cohort: the cohort's --save directory)")
+                   help="model.pt7 (or its folder) to continue from, a cohort's folder for a cohort; the options "
+                        "not given are the checkpoint's, and --save its folder")
     add_common_arguments(p)
-    opt = p.parse_args(argv)
+    opt = resumed_options(p.parse_args(argv), given_flags(p, argv))
     check_options(opt, IMAGENET_RULES, 'teacher_params')
     return opt
 
@@ -75,8 +79,6 @@ def main(argv=None):
     members = build_members(runs, lambda: define_student(opt.depth, opt.width, num_classes), teacher,
                             image_size=224, device=device, channels_last=layout['channels_last'],
                             train_labels=train_loader.labels)
-    if distributed.is_main():
-        print_tensor_dict(members[0].params, members[0].n_parameters, [m.name for m in members])
 
     train(opt, members, train_loader, test_loader, num_classes=num_classes, device=device,
           topk=min(5, num_classes), n_images=(train_loader.order.n, test_loader.order.n))

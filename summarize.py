@@ -16,14 +16,14 @@ import statistics
 import sys
 
 import methods
-from engine.checkpoint import LOG, log_records
+from engine.checkpoint import CHECKPOINT, LOG, LOG_PREFIX, log_records
 from engine.errors import UserError
 from engine.stopping import reports_user_errors
 
 # Options that say where or how fast a run ran, not what it learned.
 NOT_CONFIGURATION = {'seed', 'data_seed', 'save', 'resume', 'cohort', 'dataroot', 'data_root',
                      'imagenetpath', 'nthread', 'gpu_id', 'ngpu', 'cuda', 'compile', 'compile_mode',
-                     'deterministic', 'precision', 'tensorboard', 'tensorboard_every'}
+                     'deterministic', 'precision', 'tensorboard', 'tensorboard_every', 'param_table'}
 # Fields a log line adds to the options (num_classes stays: it tells ImageNet subsets apart).
 # The training precision (autocast) does not split a configuration either: under --precision
 # auto the same command trains in bf16 on one machine and in fp32 on another, and a row's
@@ -35,7 +35,7 @@ PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_par
 # options existed, and runs that leave them alone, are one configuration. The transfer methods say
 # which of their flags are neutral where (methods.base.Flag.neutral).
 NEUTRAL = {'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
-           'teacher_params': '', **methods.neutral()}
+           'teacher_params': '', 'train_per_class': 0, 'test_per_class': 0, **methods.neutral()}
 # The methods' settings shown beside the weights when changed.
 METHOD_SETTINGS = tuple(methods.shown_settings())
 # The weights of the terms that compare the student with its teacher.
@@ -93,6 +93,27 @@ def read_records(run_dir):
         if record.get('stage', 'main') == 'main':
             by_epoch[record['epoch']] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def why_no_records(run_dir):
+    """Why a run's log.txt gives no epoch: a run of this suite that has not finished one yet (its
+    checkpoint is there, or its log is empty), or a file some other program wrote."""
+    path = os.path.join(run_dir, LOG)
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        return 'no epoch finished yet'
+    if not head.strip():
+        return f'{path} is empty: not a log of this suite, and no checkpoint beside it'
+    if head.decode(errors='replace').lstrip().startswith('{'):
+        return f'{path} is not a log of this suite: its lines are JSON without the {LOG_PREFIX.strip()!r} prefix'
+    if b'\0' in head:
+        return f'{path} is not a log of this suite: it is a binary file'
+    return f'{path} is not a log of this suite: it has no {LOG_PREFIX.strip()!r} line'
+
+
+def is_nan(value):
+    return isinstance(value, float) and math.isnan(value)
 
 
 def top1(acc):
@@ -157,7 +178,8 @@ def method_weights(o):
 
 def data_name(o):
     if 'imagenetpath' not in o:
-        return o.get('dataset', '?')
+        subset = [f'{o[k]} {k.split("_")[0]}' for k in ('train_per_class', 'test_per_class') if o.get(k)]
+        return o.get('dataset', '?') + (f' ({", ".join(subset)} images/class)' if subset else '')
     return 'ImageNet' + (f' ({o["num_classes"]} classes)' if o.get('num_classes', 1000) != 1000 else '')
 
 
@@ -285,14 +307,20 @@ def main(argv=None):
             damaged.append((run_dir, e))  # one damaged log should not hide the table of the others
             continue
         if not records:
-            print(f'{run_dir}: no epoch finished yet, left out', file=sys.stderr)
+            print(f'{os.path.basename(sys.argv[0])}: warning: {run_dir}: {why_no_records(run_dir)}, left out',
+                  file=sys.stderr)
+            continue
+        diverged = [r['epoch'] for r in records if is_nan(top1(r['test_acc']))]
+        if diverged:  # one such run would make its configuration's median NaN
+            print(f'{os.path.basename(sys.argv[0])}: warning: {run_dir}: its test accuracy is NaN at epoch '
+                  f'{diverged[0]} (the run diverged), left out', file=sys.stderr)
             continue
         runs.append(describe_run(run_dir, records))
     if not runs and damaged:
         raise damaged[0][1] if len(damaged) == 1 else UserError(
             f'no run could be read: {"; ".join(str(e) for _, e in damaged)}')
     if not runs:
-        raise UserError('none of the runs has finished an epoch yet; nothing to summarise')
+        raise UserError('none of the runs has a finished epoch to show; nothing to summarise')
     for run_dir, e in damaged:
         print(f'{os.path.basename(sys.argv[0])}: warning: {e}; {run_dir} left out', file=sys.stderr)
     groups = group_runs(runs)

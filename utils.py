@@ -126,6 +126,18 @@ def data_parallel(f, input, params, mode, device_ids, cache=None):
     return gather(outputs, output_device=device_ids[0])
 
 
+def parameter_counts(params, n_parameters, runs=()):
+    """One line of what a run trains: the student's parameters, its teacher's and those of the
+    parts its methods learn (each network's, batch-norm statistics included), and a cohort's members."""
+    teacher = sum(v.numel() for k, v in params.items() if k.startswith('teacher.'))
+    parts = sum(v.numel() for k, v in params.items() if k.startswith('aux.'))
+    line = f'Parameters: student {n_parameters:,}' + (f', teacher {teacher:,}' if teacher else '') + \
+        (f', learned parts {parts:,}' if parts else '')
+    if len(runs) > 1:
+        line += f' (the first of a cohort of {len(runs)} students: {", ".join(runs)})'
+    return line
+
+
 def print_tensor_dict(params, n_parameters=None, runs=()):
     """The parameter table printed at start-up: name, shape, dtype, trainable; then the
     student's parameter count (and, for a cohort, its members, each with such a table)."""

@@ -30,8 +30,9 @@ NUM_CLASSES = {'CIFAR10': 10, 'CIFAR100': 100}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm')
 
 
-def load_cifar(dataroot, dataset, train, threads=4):
-    """Returns (images uint8 N x 3 x 32 x 32, labels int64 N) for the train or test split.
+def load_cifar(dataroot, dataset, train, threads=4, per_class=0):
+    """Returns (images uint8 N x 3 x 32 x 32, labels int64 N) for the train or test split; with
+    `per_class`, only the first that many images of each class (all of a class that has fewer).
 
     `dataroot` holds either an image tree (train/<class>/*, test/<class>/*, class folders
     sorted in label order) or the python release of `dataset` (cifar-10-batches-py/ or
@@ -39,8 +40,24 @@ def load_cifar(dataroot, dataset, train, threads=4):
     tree = check_cifar_tree(dataroot, dataset)
     if tree:
         files, labels = tree['train' if train else 'test']
-        return decode_images(files, threads), torch.tensor(labels)
-    return load_torchvision_release(dataroot, dataset, train)
+        keep = first_per_class(labels, per_class)  # before decoding: a subset decodes only its images
+        return decode_images([files[i] for i in keep], threads), torch.tensor(labels)[keep]
+    images, labels = load_torchvision_release(dataroot, dataset, train)
+    keep = first_per_class(labels.tolist(), per_class)
+    return images[keep], labels[keep]
+
+
+def first_per_class(labels, n):
+    """The positions of the first `n` images of each label, in their order (every one for n = 0)."""
+    if not n:
+        return list(range(len(labels)))
+    seen = {}
+    keep = []
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= n:
+            keep.append(i)
+    return keep
 
 
 def check_cifar_tree(dataroot, dataset):
@@ -85,20 +102,29 @@ def list_image_tree(root):
 
 
 def images_below(folder):
-    """The image files at any depth below `folder`. A link to a folder above itself would
-    list the same images again at every level, so it is refused."""
-    def fail(error):
-        raise error
-
+    """The image files at any depth below `folder`. A link to a folder above itself would list
+    the same images again at every level, and a name with an image's extension that is not a
+    regular file (a pipe, a socket, a device, a broken link) could block or fail the decoding
+    later: both are refused now."""
     found = []
-    for path, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
-        here = os.path.realpath(path)
-        for d in dirs:
-            target = os.path.realpath(os.path.join(path, d))
-            if here == target or here.startswith(target + os.sep):
-                raise UserError(f'{os.path.join(path, d)} links to {target}, a folder above it, so its images '
-                                f'would be listed again at every level; remove the link')
-        found.append((path, sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))))
+
+    def visit(path):
+        here, names = os.path.realpath(path), []
+        with os.scandir(path) as entries:  # a directory entry says what it is without another call
+            for e in entries:
+                if e.is_dir():
+                    target = os.path.realpath(e.path)
+                    if here == target or here.startswith(target + os.sep):
+                        raise UserError(f'{e.path} links to {target}, a folder above it, so its images would be '
+                                        f'listed again at every level; remove the link')
+                    visit(e.path)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    if not e.is_file():
+                        raise UserError(f'{e.path} is not a regular file (a pipe, socket, device or broken link), '
+                                        f'so it cannot be read as an image; remove it')
+                    names.append(e.name)
+        found.append((path, sorted(names)))
+    visit(folder)
     return [os.path.join(path, n) for path, names in sorted(found) for n in names]
 
 
@@ -122,6 +148,12 @@ def check_same_classes(first, first_classes, second, second_classes):
 WIDE_MODES = ('I', 'F', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
+def refuse_wide_samples(path, im):
+    if im.mode in WIDE_MODES:
+        raise UserError(f'{path} has {im.mode} samples, which RGB would clip to 8 bits; '
+                        f'save it as an 8-bit PNG or JPEG')
+
+
 def decode_images(files, threads=4):
     """The files as one uint8 N x 3 x 32 x 32 tensor; grayscale, palette and RGBA images are
     converted to RGB (alpha is dropped, not blended)."""
@@ -130,17 +162,19 @@ def decode_images(files, threads=4):
             with open_image(path) as im:
                 if im.size != (32, 32):
                     raise UserError(f'{path} is not a 32x32 image; the CIFAR networks need 32x32 inputs')
-                if im.mode in WIDE_MODES:
-                    raise UserError(f'{path} has {im.mode} samples, which RGB would clip to 8 bits; '
-                                    f'save it as an 8-bit PNG or JPEG')
+                refuse_wide_samples(path, im)
                 return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); remove or replace the file')
 
     # Pillow releases the GIL while decoding, so threads speed this up. The warning filter is
     # set once here, not in each thread: catch_warnings is not thread-safe.
-    with refusing_decompression_bombs(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return torch.stack(list(pool.map(decode, files, chunksize=256)))
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        with refusing_decompression_bombs():
+            return torch.stack(list(pool.map(decode, files, chunksize=256)))
+    finally:  # on an error or a signal, the images not yet decoded are dropped, not waited for
+        pool.shutdown(cancel_futures=True)
 
 
 @contextlib.contextmanager

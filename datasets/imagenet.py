@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.cifar import check_same_classes, list_image_tree, open_image, refusing_decompression_bombs
+from datasets.cifar import (
+    check_same_classes,
+    list_image_tree,
+    open_image,
+    refuse_wide_samples,
+    refusing_decompression_bombs,
+)
 from engine import distributed
 from engine.errors import UserError
 
@@ -41,7 +47,11 @@ def check_image_folders(imagenetpath):
     wrong labels: train/ and val/ with different class folders, or a class folder without
     images."""
     train, val = os.path.join(imagenetpath, 'train'), os.path.join(imagenetpath, 'val')
-    check_same_classes(train, list_image_folder(train)[2], val, list_image_folder(val)[2])
+    classes = list_image_folder(train)[2]
+    check_same_classes(train, classes, val, list_image_folder(val)[2])
+    if len(classes) < 2:
+        raise UserError(f'{train} has one class folder ({classes[0]}); a classifier needs two classes or more: '
+                        f'add their folders to train/ and val/')
 
 
 def random_resized_crop_box(width, height, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -88,6 +98,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             # One image per call in a worker process (or the main thread): the filter is safe here.
             with refusing_decompression_bombs(), open_image(path) as im:
+                refuse_wide_samples(path, im)
                 im = im.convert('RGB')
         except OSError as e:
             raise UserError(f'cannot decode image {path} ({e}); remove or replace the file') from None

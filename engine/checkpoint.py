@@ -227,11 +227,16 @@ def saved_param_names(state, saved_params, names):
 
 
 def read_log(run_dir):
-    """All json_stats records of <run_dir>/log.txt (lines without the prefix are skipped)."""
+    """All json_stats records of <run_dir>/log.txt (lines without the prefix are skipped). A log
+    that lost its only line (cut short when its run was killed) still has it in the run's
+    checkpoint, which keeps its last completed epoch's line."""
     path = os.path.join(run_dir, LOG)
     if not os.path.isfile(path):
         raise UserError(f'{path} does not exist; train that run first or fix the run name')
     records = log_records(path)
+    checkpoint = os.path.join(run_dir, CHECKPOINT)
+    if not records and os.path.isfile(checkpoint):
+        records = [record] if (record := load_checkpoint(checkpoint).get('log')) else []
     if not records:
         raise UserError(f'{path} holds no json_stats line; that run never finished an epoch')
     return records

@@ -23,13 +23,19 @@ from engine import distributed, tensorboard_log
 from engine.checkpoint import CHECKPOINT, LOG, load_checkpoint
 from engine.devices import choose_device
 from engine.errors import UserError
-from engine.options import check_run_options, resolve_init_stage
-from engine.run_lock import lock_run_dir
+from engine.options import CHANGEABLE_ON_RESUME, check_run_options, resolve_init_stage
+from engine.rules import shown
+from engine.run_lock import LOCK, lock_run_dir
+from engine.tensorboard_log import TB_DIR
 
 # What may differ between the members of a cohort: the loss (every flag of the transfer methods and
 # their init stage) and the initialisation. Everything else (architecture, teacher, data, schedule,
 # precision) is shared.
 MEMBER_OPTIONS = ('seed', *(f.name for f in methods.flags()))
+# The cohort's list of members, kept in its folder when it starts: `--resume DIR` alone goes on with it.
+MEMBERS = 'members.json'
+# What a cohort's folder holds besides its members' folders.
+OWN_FILES = (MEMBERS, LOG, CHECKPOINT, LOCK, TB_DIR)
 
 
 def read_members(text):
@@ -61,8 +67,75 @@ def check_name(name, names):
     if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or '\\' in name:
         raise UserError(f'--cohort member name {name!r} is not a folder name; give each member a '
                         f'"name" such as "at-1" (its run goes to <--save>/<name>/)')
+    if name in OWN_FILES:
+        raise UserError(f'--cohort member name {name!r} is a file the cohort\'s folder holds itself; give the '
+                        f'member another "name" (its run goes to <--save>/<name>/)')
     if name in names:
         raise UserError(f'--cohort names two members {name!r}; each member needs its own "name"')
+
+
+def resumed_options(opt, given):
+    """The options of a command that resumes (--resume): those the command line does not give
+    (`given`) are the ones the checkpoint was trained with, a single run's or each member's of a
+    cohort, so that `--resume DIR` alone goes on as the run started. A value the command line gives
+    that differs from the checkpoint's is refused, unless it only says where, how fast or how long
+    the run goes (CHANGEABLE_ON_RESUME). --save defaults to the folder resumed."""
+    if not opt.resume:
+        return opt
+    folder = opt.resume if os.path.isdir(opt.resume) else None
+    if opt.cohort or folder and os.path.isfile(os.path.join(folder, MEMBERS)):
+        return resumed_cohort(opt, given, folder) if folder else opt  # member_runs refuses a file
+    opt.resume = path = os.path.join(folder, CHECKPOINT) if folder else opt.resume
+    if 'save' not in given:
+        opt.save = os.path.dirname(path) or '.'
+    if not os.path.isfile(path):
+        return opt  # check_paths says what is wrong with it
+    take_recorded(opt, load_checkpoint(path).get('options') or {}, given, path)
+    return opt
+
+
+def resumed_cohort(opt, given, folder):
+    """resumed_options of a cohort: the members of --cohort, or of the list it keeps in its folder;
+    the shared options recorded by its first member with a checkpoint, each member's own by its
+    checkpoint."""
+    if 'save' not in given:
+        opt.save = folder
+    if not opt.cohort:
+        opt.cohort = '@' + os.path.join(folder, MEMBERS)
+    members = read_members(opt.cohort)
+    shared = set(vars(opt)) - set(MEMBER_OPTIONS)
+    for member in members:
+        path = os.path.join(folder, str(member.get('name')), CHECKPOINT)
+        if not isinstance(member.get('name'), str) or not os.path.isfile(path):
+            continue  # a member that had not started: it starts now, with the options it is given
+        record = load_checkpoint(path).get('options') or {}
+        if shared:
+            take_recorded(opt, record, given, path, shared)
+            shared = set()
+        for k in MEMBER_OPTIONS:
+            if k in record and k not in member and k not in given:
+                member[k] = record[k]
+            elif k in record and member.get(k, getattr(opt, k)) != record[k]:
+                value = member.get(k, getattr(opt, k))
+                raise UserError(f'--cohort member {member["name"]!r}: {refusal(k, value, record[k], path)}')
+    opt.cohort = json.dumps(members)
+    return opt
+
+
+def take_recorded(opt, record, given, source, keys=None):
+    for k in keys if keys is not None else vars(opt):
+        if k not in record or k in ('resume', 'save', 'cohort'):
+            continue
+        if k not in given:
+            setattr(opt, k, record[k])
+        elif getattr(opt, k) != record[k] and k not in CHANGEABLE_ON_RESUME:
+            raise UserError(refusal(k, getattr(opt, k), record[k], source))
+
+
+def refusal(flag, value, recorded, source):
+    return (f'--{flag}{shown(value)} differs from the{shown(recorded)} that {source} was trained with; a resumed run '
+            f'goes on with what it learned with (only {", ".join("--" + k for k in CHANGEABLE_ON_RESUME)} may '
+            f'change): drop --{flag}, or start a new run')
 
 
 def check_options(opt, rules, teacher_flag):
@@ -160,14 +233,22 @@ def start_runs(opt, rules, teacher_flag):
     """What every command does before it loads data: report its options, refuse bad ones, join
     torchrun's processes, lock the run directories and refuse occupied ones before anything is
     written, settle the seeds. Returns the device and the option namespace of each run."""
-    if distributed.is_main():
-        print('parsed options:', vars(opt))
     runs = member_runs(opt, rules, teacher_flag)
     device = choose_device(opt)
     lock_run_dirs(opt, runs)
     states = [check_run_dir(run) for run in runs]
     resolve_seeds(opt, runs, states)
     return device, runs
+
+
+def keep_members(opt):
+    """<cohort>/members.json: the members a cohort trains, with the options each one trains with,
+    written as it starts training (a command refused or stopped before leaves none), so that
+    `--resume DIR` alone goes on with them."""
+    path = os.path.join(opt.save, MEMBERS)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(read_members(opt.cohort), f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def lock_run_dirs(opt, runs):

@@ -32,6 +32,9 @@ def choose_device(opt):
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if opt.cuda and not visible:
         raise UserError('--cuda was given but no CUDA device is visible; drop --cuda to train on the CPU')
+    if opt.gpu_id and opt.gpu_id.split(',') != ['-1'] and not visible:  # -1 hides every GPU: the CPU, asked for
+        raise UserError(f'--gpu_id {opt.gpu_id} names a GPU, and no CUDA device is visible; drop --gpu_id to train '
+                        f'on the CPU')
     if opt.ngpu > max(visible, 1):
         shown = os.environ.get('CUDA_VISIBLE_DEVICES')
         shown = f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''
@@ -43,6 +46,12 @@ def choose_device(opt):
 # Testing aid: AT_CPU_BF16=1 or 0 makes this CPU count as one with or without bf16 units, so
 # that one machine can check what --precision auto does on the other kind.
 FORCE_CPU_BF16 = 'AT_CPU_BF16'
+
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity, which a container or taskset may
+    narrow), where the system says; else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def cpu_has_bf16():

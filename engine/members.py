@@ -86,6 +86,7 @@ class Member:
         self.weights = {}  # of each kind of loss term, set at the start of each epoch
         self.start_iteration = 0
         self.record = None  # the log line of the last completed epoch, kept in each checkpoint
+        self.resumed_meters = None  # the meters of the epoch a resumed checkpoint was written in
         self.saved = None  # what the checkpoint in this run's folder holds, once there is one
         if self.opt.resume:
             state = load_checkpoint(self.opt.resume)
@@ -95,6 +96,7 @@ class Member:
             epochs_done = state.get('init_epochs_done', 0) + state['epoch']
             self.start_iteration = max(state.get('iteration') or 0, epochs_done * epoch_length)
             self.record = state.get('log')
+            self.resumed_meters = state.get('meters')
             if os.path.normpath(self.opt.resume) == os.path.normpath(self.checkpoint):
                 self.saved = checkpoint_position(self.start_iteration, epoch_length, self.init_epochs)
                 if distributed.is_main():

@@ -70,3 +70,29 @@ class Meters:
 
     def compute(self):
         return {name: m.compute() for name, m in self.metrics.items()}
+
+    def state(self):
+        """The epoch so far, for a checkpoint written in its middle: each loss meter's values and
+        each accuracy's counts, summed over the processes of a torchrun job (a collective: every
+        rank calls it), on the CPU."""
+        state = {}
+        for name, m in self.metrics.items():
+            if isinstance(m, MeanStd):
+                values = [torch.stack(m._values) if m._values else torch.zeros(0, device=m._device)]
+            else:  # ignite's accuracies: their additive counts
+                values = [torch.as_tensor(getattr(m, k), device=m._device) for k in m._state_dict_all_req_keys]
+            state[name] = [distributed.all_reduce_sum(v).cpu() for v in values]
+        return state
+
+    def restore(self, state):
+        """Goes on with the epoch that `state` holds, so that its line counts every step of it. Rank
+        0 takes the whole counts and the other ranks start from zero: an epoch's figures are sums
+        over the processes."""
+        own = distributed.is_main()
+        for name, m in self.metrics.items():
+            values = [(v if own else torch.zeros_like(v)).to(m._device) for v in state[name]]
+            if isinstance(m, MeanStd):
+                m._values = list(values[0].unbind())
+            else:
+                for k, v in zip(m._state_dict_all_req_keys, values):
+                    setattr(m, k, v if torch.is_tensor(getattr(m, k)) else v.item())

@@ -9,6 +9,7 @@ say) meet the same rules. `check_run_options` applies a script's whole table, th
 involve several flags; `check_paths` looks at the files and folders the options name without
 reading any data or writing anything.
 """
+import argparse
 import json
 import os
 import re
@@ -43,6 +44,22 @@ SEED_LIMIT = 2 ** 32
 GPU = r'(-?\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)'
 GPU_IDS = re.compile(f'{GPU}(,{GPU})*')
 PRECISIONS = ['auto', 'bf16', 'fp32']
+
+
+# What may differ when a run resumes: where, how fast and how long it runs. Everything else shapes
+# what it learns, and a resume with another value is refused (cohort.resumed_options).
+CHANGEABLE_ON_RESUME = ('epochs', 'dataroot', 'imagenetpath', 'teacher_params', 'nthread', 'reference', 'precision',
+                        'compile', 'compile_mode', 'deterministic', 'cuda', 'ngpu', 'gpu_id', 'tensorboard',
+                        'tensorboard_every', 'param_table')
+
+
+def given_flags(parser, argv=None):
+    """The destinations of the flags that `argv` gives (argparse fills in every other one with its
+    default, unless the namespace already holds it)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
 
 
 def epoch_steps(text):
@@ -104,6 +121,8 @@ def add_common_arguments(p):
     p.add_argument('--tensorboard', default='auto', choices=tensorboard_log.CHOICES,
                    help='write TensorBoard curves of each run to <save>/tb/ (auto: where the tensorboard '
                         'package is installed)')
+    p.add_argument('--param_table', action='store_true',
+                   help='print every tensor of the parameter dict (name, shape, type) at the start')
     p.add_argument('--tensorboard_every', default=50, type=int, metavar='N',
                    help='write the training loss to the curves every N steps (the epoch points come after '
                         'each epoch)')
@@ -140,6 +159,7 @@ RULES = {
     'gpu_id': Rule(TEXT, lambda v: v == '' or GPU_IDS.fullmatch(v) is not None,
                    'is not a comma-separated list of GPU ids', 'use e.g. 0 or 0,1'),
     'tensorboard': choice(tensorboard_log.CHOICES),
+    'param_table': SWITCH_RULE,
     'tensorboard_every': Rule(INTEGER, lambda v: v >= 1, 'is below 1',
                               'write the training loss every N >= 1 steps, e.g. 50'),
 }
@@ -155,6 +175,9 @@ CIFAR_RULES = {
     'teacher_id': Rule(TEXT, teacher_name, 'is not a run name under logs/',
                        'use a relative name without "..", e.g. wrn16-2 or table1/teacher_wrn16-2'),
     # Reflect padding mirrors pixels inside the image, so it cannot be as wide as the image.
+    **{f'{split}_per_class': Rule(INTEGER, lambda v: v >= 0, 'is negative',
+                                  f'use the number of {split} images of each class to keep, or 0 for all')
+       for split in ('train', 'test')},
     'randomcrop_pad': Rule(NUMBER, lambda v: v == int(v) and 0 <= v < 32, 'is not a whole number in [0, 32)',
                            'use 0 (no crop) up to 31 pixels of padding on the 32x32 images, e.g. 4'),
     'crop_padding': choice(CROP_PADDING),
@@ -324,9 +347,6 @@ def check_save(save):
 
 
 def check_resume(path):
-    if os.path.isdir(path):
-        raise UserError(f'--resume {path} is a directory; pass the checkpoint in it, '
-                        f'--resume {os.path.join(path, CHECKPOINT)}')
     if not os.path.isfile(path):
         raise UserError(f'--resume {path} does not exist; pass the {CHECKPOINT} of an earlier run')
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from engine import distributed
-from engine.errors import LostProcess, RunStopped, UserError
+from engine.errors import Interrupted, LostProcess, RunStopped, UserError, main_running, training_began
 from engine.run_lock import release_run_dirs
 
 RANK_0_REPORTS_S = 5  # how long the other ranks wait for rank 0 to report an error
@@ -23,10 +23,13 @@ def reports_user_errors(main):
     only under torchrun) and their exit code."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        main_running(True)
         try:
             return main(*args, **kwargs)
         except (UserError, RunStopped) as e:
-            if distributed.is_main() or isinstance(e, LostProcess):
+            if isinstance(e, Interrupted):
+                pass  # its line is out already
+            elif distributed.is_main() or isinstance(e, LostProcess):
                 print(f'{os.path.basename(sys.argv[0])}: {"error: " if isinstance(e, UserError) else ""}{e}',
                       file=sys.stderr, flush=True)
             else:
@@ -41,6 +44,7 @@ def reports_user_errors(main):
             # Whatever ended the command (an error of any kind, a finished run), its run folders
             # are free again; a process killed outright leaves a lock file the next one takes over.
             release_run_dirs()
+            main_running(False)
     return wrapper
 
 
@@ -55,6 +59,7 @@ class SignalStop:
         self.standing = standing
 
     def __enter__(self):
+        training_began()
         self.signum = None
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
@@ -110,29 +115,29 @@ class NonFiniteWatch:
             return
         bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
         epoch, step = (first - 1) // epoch_length + 1, (first - 1) % epoch_length + 1
-        kept = f'the last good checkpoint is {last_checkpoint}' if last_checkpoint else 'no checkpoint was written yet'
+        go_on = (f'the last good checkpoint is {last_checkpoint}; lower --lr (or the loss weights) and resume from it'
+                 if last_checkpoint else 'no checkpoint was written yet; lower --lr (or the loss weights) and start '
+                                         'the run again')
         raise RunStopped(f'training diverged at epoch {epoch}, step {step}: loss term '
-                         f'{", ".join(bad)} is not finite; {kept}; lower --lr (or the loss weights) '
-                         f'and resume from it', exit_code=1)
+                         f'{", ".join(bad)} is not finite; {go_on}', exit_code=1)
 
 
 WRITE_FAILED = 74  # EX_IOERR of sysexits.h: a checkpoint or log line could not be written
 
 
-def resume_flags(opt, members):
-    if opt.cohort:
-        return f'--resume {opt.save} --save {opt.save} and the same --cohort'
-    return f'--resume {members[0].checkpoint} --save {opt.save}'
+def resume_flags(opt):
+    """How to go on: the run's (or cohort's) folder holds every option it trains with."""
+    return f'--resume {opt.save}'
 
 
 def standing_checkpoints(opt, members):
     """What a run stopped at once can go on from, for the one line it ends with."""
     if opt.cohort:
-        return f'each member\'s last written checkpoint stands: resume with {resume_flags(opt, members)}'
+        return f'each member\'s last written checkpoint stands: resume with {resume_flags(opt)}'
     m = members[0]
     if m.saved is None:
         return f'no checkpoint was written to {m.opt.save}: start the run again'
-    return f'the last checkpoint, {m.checkpoint} ({m.saved}), stands: resume with {resume_flags(opt, members)}'
+    return f'the last checkpoint, {m.checkpoint} ({m.saved}), stands: resume with {resume_flags(opt)}'
 
 
 def write_failure(error, m, opt):
@@ -141,8 +146,8 @@ def write_failure(error, m, opt):
         kept = f'no checkpoint was written to {m.opt.save} yet; free space and start the run again'
     elif error.path == m.checkpoint:
         kept = (f'the last good checkpoint {m.checkpoint} ({m.saved}) and its log line are intact; free '
-                f'space and resume with {resume_flags(opt, [m])}')
+                f'space and resume with {resume_flags(opt)}')
     else:
         kept = (f'the checkpoint {m.checkpoint} ({m.saved}) holds this epoch\'s line and resuming '
-                f'writes it; free space and resume with {resume_flags(opt, [m])}')
+                f'writes it; free space and resume with {resume_flags(opt)}')
     return f'{m.name}: {error}; {kept}' if opt.cohort else f'{error}; {kept}'

@@ -33,6 +33,7 @@ from engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from engine.cohort import keep_members
 from engine.devices import speed_settings, uses_channels_last
 from engine.errors import LostProcess, RunStopped
 from engine.members import checkpoint_position, learning_rate
@@ -40,6 +41,7 @@ from engine.meters import shown_loss
 from engine.objective import kind
 from engine.options import epoch_steps
 from engine.stopping import WRITE_FAILED, SignalStop, resume_flags, standing_checkpoints, write_failure
+from utils import parameter_counts, print_tensor_dict
 
 # ----------------------------------------------------------------------------------------------
 # The steps
@@ -153,6 +155,8 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
     """Trains every member's student with SGD on the same batches, evaluating, checkpointing
     and logging each after every epoch; members resume from their checkpoints. `n_images`,
     (training, test) images of the whole dataset, is logged as n_train and n_test."""
+    if distributed.is_main():
+        report_start(opt, members)
     epoch_step = epoch_steps(opt.epoch_step)
     n = len(train_loader)
     fused = uses_channels_last(opt)
@@ -174,6 +178,8 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
     if main:
         for m in members:
             os.makedirs(m.opt.save, exist_ok=True)
+        if opt.cohort:
+            keep_members(opt)
     train_step, eval_step = make_steps(members, speed)
     trainer, evaluator = Engine(train_step), Engine(eval_step)
     for engine in (trainer, evaluator):
@@ -192,7 +198,7 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
     every_10 = Events.ITERATION_COMPLETED(every=10)
     trainer.add_event_handler(every_10, lambda engine: setattr(engine.state, 'shown_loss', shown_loss(
         [m for m in members if m.trains_at(engine.state.iteration)])))
-    if main:
+    if main and sys.stderr.isatty():  # in a file or a pipe it would leave fragments between the lines
         ProgressBar(persist=False).attach(trainer, event_name=every_10,
                                           output_transform=lambda _: {'loss': trainer.state.shown_loss})
     curves = tensorboard_log.attach(trainer, members, opt, main)  # <save>/tb/, to watch runs live
@@ -223,17 +229,25 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             for group in m.optimizer.param_groups:
                 group['lr'] = lr
             m.train_meters.reset()
+            if not fresh and m.resumed_meters:  # the first steps of this epoch ran before the resume
+                m.train_meters.restore(m.resumed_meters['state'])
+            m.resumed_meters = None
         # Main-stage epoch k draws the batches of epoch k, init epoch j of I those of j - I (<= 0),
         # so runs with and without init stage see the same main-stage batches.
         train_loader.set_epoch(epoch - init_epochs, skip=iteration % n)
 
     def save(engine, m, epochs_done):
         """`epochs_done` of the cohort's timeline; the checkpoint counts the run's own: 'epoch' its
-        main-stage epochs, with an init stage also 'init_epochs' and 'init_epochs_done'."""
+        main-stage epochs, with an init stage also 'init_epochs' and 'init_epochs_done'. In the
+        middle of an epoch it also holds the epoch's meters so far ('meters'), so that the resumed
+        epoch's line counts every step of it."""
+        middle = engine.state.iteration % n != 0
+        meters = {'stage': m.stage, 'state': m.train_meters.state()} if middle else None  # every rank joins
         if main:
             own, iteration = epochs_done - m.idle_epochs, m.own(engine.state.iteration)
             stages = ({'init_epochs': m.init_epochs, 'init_epochs_done': min(own, m.init_epochs)}
                       if m.init_epochs else {})
+            stages.update({'meters': meters} if meters else {})
             try:
                 save_checkpoint(m.opt.save, m.params, m.optimizer, max(own - m.init_epochs, 0), iteration=iteration,
                                 rng=rng_state(), lr=m.optimizer.param_groups[0]['lr'], options=vars(m.opt),
@@ -309,9 +323,9 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
                 curves.epoch(m, stats, m.optimizer.param_groups[0]['lr'], m.own(engine.state.iteration))
                 progress = (f'init {m.stage_epoch}/{m.init_epochs}' if m.stage == 'init'
                             else f'{m.stage_epoch}/{opt.epochs}')
-                print(f'==> id: {m.opt.save} ({progress}), '
-                      f'test_acc: \33[91m{stats["test_acc"]:.2f}\033[0m, train_loss: {stats["train_loss"]:.4f}, '
-                      f'time: {train_time:.1f}s + {test_time:.1f}s', flush=True)
+                test_acc = highlighted(f'{stats["test_acc"]:.2f}')
+                print(f'==> id: {m.opt.save} ({progress}), test_acc: {test_acc}, '
+                      f'train_loss: {stats["train_loss"]:.4f}, time: {train_time:.1f}s + {test_time:.1f}s', flush=True)
         if engine.state.epoch < total and signals.requested():
             stop(engine)
 
@@ -332,7 +346,7 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
         where = where if where.startswith('after') else f'at {where}'
         what = 'checkpoint written' if not opt.cohort else 'every member checkpointed'
         raise RunStopped(f'stopped by {trainer.state.stopped_by} {where}; {what}: '
-                         f'resume with {resume_flags(opt, members)}',
+                         f'resume with {resume_flags(opt)}',
                          exit_code=128 + (signals.signum or 15))
     stopped = [m.stopped for m in members if m.stopped]
     if stopped:
@@ -341,13 +355,29 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
     distributed.shutdown()
 
 
+def report_start(opt, members):
+    """What the command trains, once all it needs has loaded (an error before it is the only line):
+    its options and its networks' parameter counts, or with --param_table every tensor."""
+    first, names = members[0], [m.name for m in members]
+    print('parsed options:', vars(opt), flush=True)
+    if getattr(opt, 'param_table', False):
+        print_tensor_dict(first.params, first.n_parameters, names)
+    else:
+        print(parameter_counts(first.params, first.n_parameters, names), flush=True)
+
+
+def highlighted(text):
+    """Red on a terminal; plain in a file or a pipe, where colour codes are noise."""
+    return f'\33[91m{text}\033[0m' if sys.stdout.isatty() else text
+
+
 def lost_process(error, opt, members, trainer):
     """The line a surviving rank ends with: what failed, and where the run can go on from. Rank
     0 wrote the checkpoints; a rank on another machine may not see them, but knows that one was
     written when an epoch before this one finished or the run was resumed."""
     reason = re.sub(r'^\[[^\]]*\]\s*', '', (str(error).strip().splitlines() or [''])[0]).split('. ')[0]
     if trainer.state.epoch > 1 or any(m.start_iteration or os.path.isfile(m.checkpoint) for m in members):
-        kept = f'resume from the last checkpoint with {resume_flags(opt, members)}'
+        kept = f'resume from the last checkpoint with {resume_flags(opt)}'
     else:
         kept = f'no checkpoint was written to {opt.save} yet: start the run again'
     return f'a process of this torchrun job died or stopped answering ({reason}); every process stopped; {kept}'

@@ -6,7 +6,8 @@ what it reads of the networks, its learned parts, its terms per stage, its weigh
 what it refuses, how tables name it and its settings per benchmark pair. Adding a module adds the
 method to both scripts' command lines, to cohorts, to summarize.py and to the benchmark columns;
 nothing outside this package names it. `all_methods()` lists them in the order of their
-`order`, which is the order of their flags, terms and weights everywhere.
+`order`: the order of their terms, and of their flags and weights after those the suite had before
+its methods had files of their own (FLAG_ORDER, WEIGHT_ORDER).
 
     python3 -m methods                 # every method: its flags and what it reads
 """

@@ -14,13 +14,16 @@ import json
 
 import methods
 
+READS = {'pooled': 'the pooled feature', 'preact': 'the pre-ReLU groups', 'input_gradient': "the student's input "
+         'gradient', 'teacher_input_gradient': "the teacher's input gradient"}
+STAGES = {'trains': '; trains in the init stage', 'parts': '; prepares its parts in the init stage'}
+
 
 def describe():
     for m in methods.all_methods():
-        reads = ', '.join(m.reads) or 'logits and groups'
-        stage = {'trains': ', trains in the init stage', 'parts': ', prepares its parts in the init stage'}.get(
-            m.init_stage, '')
-        print(f'{m.title}: ' + ' '.join('--' + f.name for f in m.flags) + f' (reads {reads}{stage})')
+        reads = ', '.join(READS[r] for r in m.reads) or 'logits and groups'
+        print(f'{m.title}: ' + ' '.join('--' + f.name for f in m.flags) +
+              f' (reads {reads}{STAGES.get(m.init_stage, "")}{"; no teacher needed" if not m.teacher else ""})')
 
 
 def main(argv=None):

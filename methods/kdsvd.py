@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.errors import UserError
 from methods.base import Method, at_least_one, setting, weight
 from methods.formulas import at_least_fp32
 from methods.parts import equal_widths
@@ -75,6 +76,12 @@ class KDSVD(Method):
 
     def refuse_pair(self, o, nets):
         equal_widths(nets.s.groups, nets.t.groups, 'kdsvd_beta', 'KDSVD')
+        # each sample's (positions x channels) matrix has as many singular vectors as its smaller side
+        rank = min(min(g.shape[1], g.shape[2] * g.shape[3]) for g in (*nets.s.groups, *nets.t.groups))
+        if o.kdsvd_k + 3 > rank:
+            fix = f'use --kdsvd_k {rank - 3} or less' if rank > 3 else 'pick networks with larger groups'
+            raise UserError(f'--kdsvd_k {o.kdsvd_k} searches the student\'s first {o.kdsvd_k + 3} singular vectors '
+                            f'of each group, and a group of these networks has {rank}; {fix}')
 
     def terms(self, b):
         return {'kdsvd': kdsvd_loss(b.s.groups, b.t.groups, b.opt.kdsvd_k)}

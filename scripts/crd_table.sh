@@ -16,7 +16,7 @@
 #                                                without TEACHERS the six teachers are trained
 #                                                here first, with the same protocol, seed 1
 #        SEEDS="1 2 3" scripts/crd_table.sh ...  seeds of every column (default: 1)
-#        CIFAR=echo scripts/crd_table.sh         print the runs' flags instead of training
+#        CIFAR=echo scripts/crd_table.sh         print the runs' commands instead of training
 # Teachers trained here live in logs/crd/teacher_<arch>/, each pair's students in
 # logs/crd/<student>_from_<teacher>/<column>_seed<k>/. A finished run is skipped and an
 # interrupted one resumed, so the script can simply be started again. Read the table with

@@ -1,11 +1,22 @@
 # Shared by the table scripts (sourced, not run): how one run or one cohort is started, so that
 # starting a script again skips finished runs and resumes interrupted ones. $CIFAR is the
-# command (CIFAR=echo lists the runs' flags instead).
+# command (CIFAR=echo lists the runs' commands instead).
 
-launch() {  # the command, or with CIFAR=echo its words shell-quoted on one line
+quoted() {  # one argument as a person would type it: bare where the shell leaves it alone, else in single quotes
+  if [[ $1 =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+launch() {  # the command, or with CIFAR=echo the command a person can copy and run, on one line
   if [ "$CIFAR" = echo ]; then
-    printf '%q ' "$@"
-    echo
+    local words=(python3 cifar.py) arg
+    for arg in "$@"; do
+      words+=("$(quoted "$arg")")
+    done
+    echo "${words[*]}"
   else
     $CIFAR "$@"
   fi

@@ -6,7 +6,7 @@
 #
 # Usage: scripts/table1.sh [extra cifar.py flags, e.g. --dataroot DIR]
 #        SEEDS="1 2" scripts/table1.sh ...          fewer seeds
-#        CIFAR=echo scripts/table1.sh               print the runs' flags instead of training
+#        CIFAR=echo scripts/table1.sh               print the runs' commands instead of training
 # Teachers live in logs/table1/teacher_wrn<d>-<w>/, each row's students in
 # logs/table1/wrn<d>-<w>_from_wrn<td>-<tw>/<column>_seed<k>/. A finished run is skipped and an
 # interrupted one resumes, so the script can simply be started again. Read the table with

@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(image_tree, tmp_path):
         (['--save', 'logs/run'], ['logs/run already holds a run', '--resume']),
         (['--save', 'logs/run', '--resume', 'logs/run/log.txt'], ['cannot read checkpoint']),
         (['--save', 'logs/run', '--resume', 'logs/run/model.pt7', '--width', 2],
-         ['does not match this model', 'group0.block0']),
+         ['--width 2.0 differs from the 1.0 that logs/run/model.pt7 was trained with']),
         (['--teacher_id', 'bad_log', '--save', 'logs/x'], ['logs/bad_log/log.txt:1 is not a valid json_stats line']),
         (['--teacher_id', 'bad_ckpt', '--save', 'logs/x'], ['cannot read checkpoint logs/bad_ckpt/model.pt7']),
     ]

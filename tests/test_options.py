@@ -184,7 +184,7 @@ CIFAR_CASES = [
     ('save', ['--save', ''], ['--save is required']),
     ('save', ['--save', 'afile'], ['--save afile is a file', 'name a directory']),
     ('save', ['--save', 'afile/run'], ['--save afile/run lies inside', 'afile, which is a file']),
-    ('resume', ['--resume', 'logs/run'], ['--resume logs/run is a directory', '--resume logs/run/model.pt7']),
+    ('resume', ['--resume', 'logs/nolog'], ['--resume logs/nolog/model.pt7 does not exist']),  # a folder: its model.pt7
     ('resume', ['--resume', 'missing.pt7'], ['--resume missing.pt7 does not exist']),
     ('dataroot', ['--dataroot', 'afile'], ['--dataroot afile is a file']),
     ('dataroot', ['--dataroot', 'afile/cifar'], ['--dataroot afile/cifar lies inside', 'which is a file']),
@@ -246,7 +246,7 @@ IMAGENET_CASES = [
     ('teacher_params', ['--teacher_params', 'missing.pth'], ['teacher weights missing.pth do not exist']),
     ('teacher_params', ['--teacher_params', 'weights_dir'], ['teacher weights weights_dir is a directory']),
     ('save', ['--save', 'afile'], ['--save afile is a file']),
-    ('resume', ['--resume', 'logs/run'], ['--resume logs/run is a directory']),
+    ('resume', ['--resume', 'logs/nolog'], ['--resume logs/nolog/model.pt7 does not exist']),
     ('factt_beta', ['--factt_beta', 1], ['--factt_beta compares the student with a teacher',
                                          'give --teacher_params']),
     ('imagenetpath', ['--imagenetpath', 'inet_renamed'],
@@ -329,6 +329,9 @@ DIRECT_CASES = [
     (RULES, 'init_epochs', 2.5, '--init_epochs 2.5 is not a whole number'),
     (RULES, 'init_lr', 0, '--init_lr 0 is not positive'),
     (RULES, 'init_lr', '0.01', "--init_lr '0.01' is not a number"),
+    (CIFAR_RULES, 'train_per_class', -1, '--train_per_class -1 is negative'),
+    (CIFAR_RULES, 'test_per_class', 2.5, '--test_per_class 2.5 is not a whole number'),
+    (RULES, 'param_table', 1, '--param_table 1 is not true or false'),
     # every method's flags, those of methods added later too: a value of the wrong kind, a negative weight
     *[(RULES, f.name, {bool: 1, int: 2.5, str: 0}.get(f.type, 'x'), f'--{f.name}') for f in methods.flags()],
     *[(RULES, f.name, -1, f'--{f.name} -1 is') for f in methods.flags() if f.weight],
@@ -379,7 +382,7 @@ def test_precision_goes_with_the_fast_path_and_at_cpu_bf16_is_checked_first(trip
 
 def test_valid_edge_values_pass_every_check_of_the_command_line(tripwires):
     edges = ['--randomcrop_pad', 0, '--lr_decay_ratio', 1, '--epoch_step', '[]', '--seed', 0,
-             '--teacher_id', 'teacher', '--resume', 'logs/run/model.pt7', '--beta', 0]
+             '--teacher_id', 'teacher', '--beta', 0]
     for alpha in (0, 1):
         with pytest.raises(Reached):
             cifar.main([*map(str, SCRIPTS['cifar.py'][1]), *map(str, edges), '--alpha', str(alpha)])

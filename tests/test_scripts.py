@@ -16,7 +16,10 @@ def planned_runs(script, *args, root=ROOT, **env):
     # the scripts ask `python3 -m methods` for their columns: from a copy elsewhere, it is found on PYTHONPATH
     out = subprocess.run(['bash', os.path.join(root, 'scripts', script), *args], capture_output=True,
                          text=True, check=True, env={**os.environ, 'CIFAR': 'echo', 'PYTHONPATH': ROOT, **env})
-    return [shlex.split(line) for line in out.stdout.splitlines()]
+    commands = [shlex.split(line) for line in out.stdout.splitlines()]
+    # commands a person can copy: the script's command, then its flags, JSON in plain single quotes
+    assert all(c[:2] == ['python3', 'cifar.py'] for c in commands) and '\\' not in out.stdout, out.stdout[:500]
+    return [c[2:] for c in commands]
 
 
 def test_table1_plans_every_cell_over_five_seeds_after_its_teacher():

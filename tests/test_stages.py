@@ -180,7 +180,7 @@ def test_a_run_resumes_bit_for_bit_inside_either_stage(small_tree, workdir, meth
     # a resume with another init stage than the checkpoint's is refused before anything is written
     before = sorted(os.listdir(workdir / f'logs/{name}_split'))
     expect_user_error(run_in_process(cifar.main, *common[:-4], '--init_epochs', 3, '--epochs', 3, *resume,
-                                     cwd=workdir), 'init stage of 2 epochs', '--init_epochs 2')
+                                     cwd=workdir), '--init_epochs 3 differs from the 2', 'drop --init_epochs')
     assert sorted(os.listdir(workdir / f'logs/{name}_split')) == before
 
 

@@ -65,7 +65,8 @@ def test_table_groups_seeds_marks_unfinished_runs_and_reads_original_logs(tmp_pa
     write_log(tmp_path / 'logs/old-b', [ORIGINAL % ('old-b', 90.5, 1), ORIGINAL % ('old-b', 91.5, 2)])
     write_log(tmp_path / 'logs/r18', [ORIGINAL_IMAGENET])
     write_log(tmp_path / 'logs/at-lr', ours([30.0, 12.0, 9.5], lr=0.05))  # only the lr differs
-    write_log(tmp_path / 'logs/fresh', [])  # started, no epoch done yet
+    write_log(tmp_path / 'logs/fresh', [])  # resumed, its one line cut short and dropped: no epoch done yet
+    (tmp_path / 'logs/fresh/model.pt7').write_bytes(b'')
 
     monkeypatch.chdir(tmp_path)
     summarize.main(['logs', '--plot', 'curves.png', '--log_scale'])
@@ -73,7 +74,7 @@ def test_table_groups_seeds_marks_unfinished_runs_and_reads_original_logs(tmp_pa
     rows = table_rows(out)
     assert len(rows) == 5, out
     fresh, torn = err.strip().splitlines()
-    assert fresh == 'logs/fresh: no epoch finished yet, left out'
+    assert fresh.endswith('warning: logs/fresh: no epoch finished yet, left out')
     assert 'warning: logs/kd-2/log.txt: its last line is cut short' in torn and 'resuming the run repairs it' in torn
 
     at = next(r for r in rows if r['weights'] == 'beta 1000' and r['differs in'] == 'lr=0.1')

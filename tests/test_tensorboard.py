@@ -17,7 +17,8 @@ import summarize
 from conftest import run_in_process
 from engine import tensorboard_log
 from test_cifar import expect_user_error, log_lines, ok
-from test_runs_survive import load, start
+from test_runs_survive import load
+from test_stages import stop_at
 
 # 100 training images: 10 steps an epoch at batch 10, 25 at batch 4
 SMALL = ['--depth', 10, '--width', 0.5, '--nthread', 2, '--seed', 3]
@@ -42,15 +43,6 @@ def assert_epoch_points_match_log(points, records, epoch_length):
         assert [v for _, v in points[tag]] == pytest.approx(logged, rel=1e-6), tag  # stored as float32
 
 
-def wait_for_progress(proc, text, timeout=120):
-    """Reads the run's progress bar (stderr) until it shows `text`: a point inside an epoch."""
-    seen, deadline = b'', time.time() + timeout
-    while text.encode() not in seen:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk and time.time() < deadline, seen.decode(errors='replace')[-2000:]
-        seen += chunk
-
-
 def test_two_epochs_write_every_curve_at_its_steps(image_tree, tmp_path):
     ok(run_in_process(cifar.main, *SMALL, '--batch_size', 10, '--epochs', 2, '--epoch_step', '[2]',
                       '--lr_decay_ratio', 0.5, '--tensorboard_every', 3, '--dataroot', image_tree,
@@ -67,11 +59,9 @@ def test_two_epochs_write_every_curve_at_its_steps(image_tree, tmp_path):
 def test_a_run_stopped_mid_epoch_and_resumed_has_each_point_once(image_tree, tmp_path):
     args = [*SMALL, '--batch_size', 4, '--epochs', 2, '--tensorboard_every', 5, '--dataroot', image_tree,
             '--save', 'logs/run']
-    proc = start(args, tmp_path)
-    wait_for_progress(proc, 'Epoch [2/2]: [5/25]')
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = run_in_process(stop_at(cifar.main, step=30), *args, cwd=tmp_path)  # SIGTERM at epoch 2, step 5
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    err = stopped.stderr
     stopped_at = load(tmp_path / 'logs/run')['iteration']
     assert 25 < stopped_at < 50, err.strip().splitlines()[-1]  # inside epoch 2
     # What a run killed after its checkpoint leaves: points past the step it resumes from.
@@ -96,7 +86,8 @@ def test_a_cohort_writes_one_tb_per_member(image_tree, tmp_path):
     members = [{'name': 'a', 'seed': 1}, {'name': 'b', 'seed': 2}]
     ok(run_in_process(cifar.main, *SMALL, '--batch_size', 10, '--epochs', 1, '--tensorboard_every', 4,
                       '--dataroot', image_tree, '--save', 'logs/c', '--cohort', json.dumps(members), cwd=tmp_path))
-    assert sorted(os.listdir(tmp_path / 'logs/c')) == ['a', 'b']  # the cohort's folder holds members only
+    # the cohort's folder holds its members and their list only
+    assert sorted(os.listdir(tmp_path / 'logs/c')) == ['a', 'b', 'members.json']
     for name in ('a', 'b'):
         points = curves(tmp_path / 'logs/c' / name)
         assert_epoch_points_match_log(points, log_lines(tmp_path / 'logs/c' / name), 10)
