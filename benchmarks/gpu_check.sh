@@ -74,7 +74,7 @@ if [ -f data/cifar10-jpeg.tar.gz ] && [ ! -d $DATA/cifar-10-batches-py ]; then
   tar -xzf data/cifar10-jpeg.tar.gz -C /tmp/cifar10-jpeg
   python3 - /tmp/cifar10-jpeg $DATA >> "$LOG" 2>&1 <<'EOF'
 import os, pickle, sys
-from data import load_cifar
+from datasets.cifar import load_cifar
 tree, out = sys.argv[1:]
 os.makedirs(os.path.join(out, 'cifar-10-batches-py'))
 for split, names in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
