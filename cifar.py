@@ -16,6 +16,8 @@ if __name__ == '__main__':  # before the imports, which take seconds: Ctrl-C mea
 import argparse
 import os
 
+import torch
+
 from datasets.cifar import (
     CROP_PADDING,
     NORMALIZATION,
@@ -34,6 +36,7 @@ from engine.options import CIFAR_RULES, add_common_arguments, check_cifar_networ
 from engine.stopping import reports_user_errors
 from engine.training import train
 from models import zoo
+from models.init import INITS, initialize, resolve
 from resnet import resnet
 from utils import DTYPES
 
@@ -57,6 +60,13 @@ def parse_args(argv=None):
     p.add_argument('--teacher_params', default='', type=str,
                    help="teacher from a RepDistiller checkpoint (e.g. resnet32x4_vanilla/ckpt_epoch_240.pth)")
     p.add_argument('--teacher_arch', default='', type=str, help='the network of --teacher_params')
+    p.add_argument('--student_params', default='', type=str,
+                   help='start the student (of --arch) from these weights: a RepDistiller or mdistiller checkpoint, '
+                        "or a model.pt7 of this suite (its student); a cohort's members all start from them")
+    p.add_argument('--init', default='auto', type=str,
+                   help=f'how the student starts: {" or ".join(INITS)}; at: the AT paper\'s code (Kaiming-normal, '
+                        'batch-norm scales U[0,1)), crd: RepDistiller\'s for each network family, auto: at for '
+                        '--arch wrn, crd for the others')
     # Training options
     p.add_argument('--batch_size', default=128, type=int)
     p.add_argument('--lr', default=0.1, type=float)
@@ -68,6 +78,8 @@ def parse_args(argv=None):
                    help="model.pt7 (or its folder) to continue from, a cohort's folder for a cohort; the options "
                         "not given are the checkpoint's, and --save its folder")
     p.add_argument('--randomcrop_pad', default=4, type=float)
+    p.add_argument('--augment', default='on', type=str,
+                   help='on: random crop (--randomcrop_pad) and horizontal flip of each training image; off: neither')
     p.add_argument('--crop_padding', default='reflect', type=str,
                    help=f'what the random crop pads with: {" or ".join(CROP_PADDING)} (zero: black, as RepDistiller)')
     p.add_argument('--normalization', default='cifar10', type=str,
@@ -86,6 +98,29 @@ def parse_args(argv=None):
 def network(arch, depth, width, num_classes):
     """(f, params): a WRN-depth-width for arch 'wrn', else the zoo's network of that name."""
     return resnet(depth, width, num_classes) if arch == 'wrn' else zoo.network(arch, num_classes)
+
+
+def student(opt, num_classes, start=None):
+    """(f, params): the student of --arch, drawn from torch's generator as --init says, then,
+    with `start` (the tensors of --student_params), holding those instead, in the file's dtype
+    (the run casts them to its own once). The draw happens either way, so the methods' learned
+    parts, drawn next, start the same with and without --student_params."""
+    f, params = network(opt.arch, opt.depth, opt.width, num_classes)
+    initialize(params, zoo.family(opt.arch), resolve(opt.init, opt.arch))
+    if start is not None:
+        params = {k: start[k].detach().requires_grad_(v.requires_grad) for k, v in params.items()}
+    return f, params
+
+
+def load_student_params(opt, num_classes):
+    """The tensors of --student_params, checked against --arch, or None (none given, or a resume,
+    whose checkpoint holds the student)."""
+    if not opt.student_params or opt.resume:
+        return None
+    with torch.device('meta'):  # shapes only
+        expected = network(opt.arch, opt.depth, opt.width, num_classes)[1]
+    return zoo.load_network(opt.student_params, opt.arch, expected, '--student_params',
+                            'pass other weights as --student_params')
 
 
 def load_teacher(opt, num_classes):
@@ -149,15 +184,17 @@ def main(argv=None):
     num_classes = NUM_CLASSES[opt.dataset]
 
     teacher = load_teacher(opt, num_classes)  # before the data: a file that does not fit is refused at once
+    start = load_student_params(opt, num_classes)
     train_images, train_labels = load_cifar(opt.dataroot, opt.dataset, True, opt.nthread, opt.train_per_class)
     test_images, test_labels = load_cifar(opt.dataroot, opt.dataset, False, opt.nthread, opt.test_per_class)
     layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt), normalization=opt.normalization)
     train_loader = Loader(train_images.to(device), train_labels.to(device), opt.batch_size, train=True,
-                          pad=int(opt.randomcrop_pad), padding=opt.crop_padding, seed=opt.data_seed, **layout)
+                          pad=int(opt.randomcrop_pad), padding=opt.crop_padding, seed=opt.data_seed,
+                          augment=opt.augment == 'on', **layout)
     test_loader = Loader(test_images.to(device), test_labels.to(device), opt.batch_size, train=False,
                          **layout)
 
-    members = build_members(runs, lambda: network(opt.arch, opt.depth, opt.width, num_classes), teacher,
+    members = build_members(runs, lambda: student(opt, num_classes, start), teacher,
                             image_size=32, device=device, channels_last=layout['channels_last'],
                             train_labels=train_loader.labels)
 

@@ -35,7 +35,8 @@ PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_par
 # options existed, and runs that leave them alone, are one configuration. The transfer methods say
 # which of their flags are neutral where (methods.base.Flag.neutral).
 NEUTRAL = {'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
-           'teacher_params': '', 'train_per_class': 0, 'test_per_class': 0, **methods.neutral()}
+           'teacher_params': '', 'train_per_class': 0, 'test_per_class': 0, 'student_params': '', 'init': 'auto',
+           'augment': 'on', **methods.neutral()}
 # The methods' settings shown beside the weights when changed.
 METHOD_SETTINGS = tuple(methods.shown_settings())
 # The weights of the terms that compare the student with its teacher.

@@ -306,15 +306,15 @@ class Loader:
     images; `share` is this process's fraction of the global batch (1 without torchrun) and
     `index` the batch's positions in the dataset (what CRD's memory is indexed by).
 
-    With `train`, each epoch is a fresh permutation plus random crop and flip, drawn from a
+    With `train`, each epoch is a fresh permutation plus (with `augment`) random crop and flip, drawn from a
     generator seeded by (seed, epoch): an epoch's batches depend only on its number, so a
     resumed run sees the same data as an uninterrupted one. Under torchrun every process draws
     the same global batch and keeps its own slice of it. Batches come in the memory layout the
     step computes in (channels_last or NCHW), so none is converted twice."""
 
     def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32,
-                 channels_last=False, padding='reflect', normalization='cifar10'):
-        self.images, self.labels = images, labels
+                 channels_last=False, padding='reflect', normalization='cifar10', augment=True):
+        self.images, self.labels, self.augment = images, labels, augment
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
         self.dtype, self.channels_last, self.padding = dtype, channels_last, padding
         dev = images.device
@@ -340,7 +340,7 @@ class Loader:
         for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start:start + self.batch_size] if self.train else slice(start, start + self.batch_size)
             x = self.images[idx]
-            if self.train and self.pad > 0:
+            if self.train and self.augment:  # pad 0: a flip alone, as the original code's transforms
                 x = random_crop_flip(x, self.pad, gen, self.padding)  # drawn even when skipped: keeps gen in step
             if b < skip:
                 continue

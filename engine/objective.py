@@ -158,12 +158,13 @@ class Objective:
         params with the 'aux.' parts the run's methods learn and keep (a memory of the training
         set, whose labels, in dataset order, are `train_labels`, say). A pair that a method
         cannot compare is refused here, before anything is written."""
-        dtype = next(v.dtype for v in params.values() if v.is_floating_point())
-        x = torch.zeros(1, 3, image_size, image_size, dtype=dtype)
+        def blank(prefix):  # in the network's dtype: a --student_params file keeps its own until the run casts
+            dtype = next(v.dtype for k, v in params.items() if k.startswith(prefix) and v.is_floating_point())
+            return torch.zeros(1, 3, image_size, image_size, dtype=dtype)
         asked = self.asked(self.pooled, self.preact)
         with torch.no_grad():
-            s = Outputs(*self.f_s(x, params, False, self.prefix, **asked))
-            t = Outputs(*self.f_t(x, params, 'teacher.', **asked)) if self.has_teacher else None
+            s = Outputs(*self.f_s(blank(self.prefix), params, False, self.prefix, **asked))
+            t = Outputs(*self.f_t(blank('teacher.'), params, 'teacher.', **asked)) if self.has_teacher else None
         self.n_groups = len(s.groups)
         if t is not None and len(t.groups) != len(s.groups):
             raise UserError(f'the student has {len(s.groups)} groups and the teacher {len(t.groups)}; '

@@ -33,6 +33,7 @@ from engine.rules import (
 )
 from engine.rules import check_option as check_rule
 from methods.base import DEFAULT_INIT_EPOCHS
+from models.init import INITS
 from models.zoo import ARCHS
 from resnet import IMAGENET_BLOCKS, wrn_block_count
 from utils import DTYPES
@@ -48,9 +49,9 @@ PRECISIONS = ['auto', 'bf16', 'fp32']
 
 # What may differ when a run resumes: where, how fast and how long it runs. Everything else shapes
 # what it learns, and a resume with another value is refused (cohort.resumed_options).
-CHANGEABLE_ON_RESUME = ('epochs', 'dataroot', 'imagenetpath', 'teacher_params', 'nthread', 'reference', 'precision',
-                        'compile', 'compile_mode', 'deterministic', 'cuda', 'ngpu', 'gpu_id', 'tensorboard',
-                        'tensorboard_every', 'param_table')
+CHANGEABLE_ON_RESUME = ('epochs', 'dataroot', 'imagenetpath', 'teacher_params', 'student_params', 'nthread',
+                        'reference', 'precision', 'compile', 'compile_mode', 'deterministic', 'cuda', 'ngpu', 'gpu_id',
+                        'tensorboard', 'tensorboard_every', 'param_table')
 
 
 def given_flags(parser, argv=None):
@@ -181,6 +182,9 @@ CIFAR_RULES = {
     'randomcrop_pad': Rule(NUMBER, lambda v: v == int(v) and 0 <= v < 32, 'is not a whole number in [0, 32)',
                            'use 0 (no crop) up to 31 pixels of padding on the 32x32 images, e.g. 4'),
     'crop_padding': choice(CROP_PADDING),
+    'augment': choice(['on', 'off']),
+    'init': choice(list(INITS)),
+    'student_params': ANY_TEXT,  # read and checked against --arch before the data
     'normalization': choice(sorted(NORMALIZATION)),
     'arch': Rule(TEXT, lambda v: v == 'wrn' or v in ARCHS, 'is not a network here',
                  f'use wrn (sized by --depth and --width) or one of {", ".join(ARCHS)}'),
@@ -318,6 +322,8 @@ def check_paths(opt):
     if getattr(opt, 'teacher_params', ''):
         check_teacher_file(opt.teacher_params, REPDISTILLER_TEACHER if hasattr(opt, 'teacher_arch') else
                            IMAGENET_TEACHER)
+    if getattr(opt, 'student_params', '') and not opt.resume:  # a resumed student is its checkpoint's
+        check_student_file(opt.student_params)
     for flag in ('dataroot', 'imagenetpath'):
         if getattr(opt, flag, ''):
             check_folder(flag, getattr(opt, flag))
@@ -373,6 +379,15 @@ def check_teacher_file(path, what):
         raise UserError(f'teacher weights {path} is a directory; {what}')
     if not os.path.isfile(path):
         raise UserError(f'teacher weights {path} do not exist; {what}')
+
+
+def check_student_file(path):
+    what = ('pass a RepDistiller or mdistiller checkpoint of --arch, or a model.pt7 of this suite (or its run '
+            'folder), as --student_params')
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT)):
+        raise UserError(f'student weights {path} is a directory without a {CHECKPOINT}; {what}')
+    if not os.path.exists(path):
+        raise UserError(f'student weights {path} do not exist; {what}')
 
 
 def check_folder(flag, path):

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from engine.checkpoint import check_finite
+from engine.checkpoint import CHECKPOINT, check_finite, load_checkpoint, network_params
 from engine.errors import UserError
 from models import cifar_resnet, mobilenetv2, resnet_bottleneck, shufflenetv1, shufflenetv2, vgg
 from resnet import resnet
@@ -86,7 +86,7 @@ def repdistiller_name(arch, name):
     module, _, tensor = name.rpartition('.')
     if tensor not in TENSORS:  # a bare tensor is a convolution's weight
         module, tensor = name, 'weight'
-    for pattern, replacement in REPDISTILLER_NAMES[NETWORKS[arch][0]]:
+    for pattern, replacement in REPDISTILLER_NAMES[family(arch)]:
         m = re.fullmatch(pattern, module)
         if m:
             if callable(replacement):
@@ -101,38 +101,61 @@ def to_repdistiller(params, arch):
     return {repdistiller_name(arch, k): v for k, v in params.items()}
 
 
+def family(arch):
+    """The network family of `arch` ('wrn' for cifar.py's --arch wrn): which key map and which
+    initialisation (models/init.py) it has."""
+    return 'wrn' if arch == 'wrn' else NETWORKS[arch][0]
+
+
 def load_repdistiller(path, arch, num_classes):
     """Parameters of `arch` from a RepDistiller checkpoint ({'model': state_dict, ...}, or a bare
-    state dict; 'module.' prefixes of nn.DataParallel are dropped), under our names, as float32
-    tensors without gradients (for a teacher). Every name and shape is checked first."""
+    state dict; 'module.' prefixes of nn.DataParallel are dropped), under our names, in the file's
+    dtype (the run casts them to its own), without gradients (for a teacher). Every name and
+    shape is checked first."""
     with torch.device('meta'):  # shapes only
         expected = network(arch, num_classes)[1]
-    state = read_state_dict(path)
-    ours = {repdistiller_name(arch, k): k for k in expected}
+    params = load_network(path, arch, expected, '--teacher_params', 'retrain the teacher or pass another '
+                          'checkpoint as --teacher_params')
+    return {k: v.requires_grad_(False) for k, v in params.items()}
+
+
+def load_network(path, arch, expected, flag, fix):
+    """The tensors of network `arch` (of which `expected` holds every name and shape, on any
+    device) from `path`, under our names and in the file's dtype: a RepDistiller checkpoint, an
+    mdistiller one (its distiller's 'student.' tensors, or a bare student) or a model.pt7 of this
+    suite (its student). Every name and shape is checked, and every value for NaN and Inf, first."""
+    state, ours = read_state_dict(path, flag)
+    names = {(k if ours else repdistiller_name(arch, k)): k for k in expected}
     problem = None
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    misshaped = [k for k in ours if k in state and state[k].shape != expected[ours[k]].shape]
+    missing = [k for k in names if k not in state]
+    unexpected = [k for k in state if k not in names]
+    misshaped = [k for k in names if k in state and state[k].shape != expected[names[k]].shape]
     if missing:
         problem = f'it lacks {missing[0]}'
     elif unexpected:
         problem = f'it has unexpected {unexpected[0]}'
     elif misshaped:
         k = misshaped[0]
-        problem = f'{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[ours[k]].shape)}'
+        problem = f'{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[names[k]].shape)}'
     if problem:
-        raise UserError(f'{path} is not a RepDistiller {arch} for {num_classes} classes: {problem}; '
+        num_classes = expected['fc.weight'].shape[0]
+        what = 'model.pt7' if ours else 'RepDistiller'
+        raise UserError(f'{path} is not a {what} {arch} for {num_classes} classes: {problem}; '
                         f'check the architecture and the number of classes')
-    check_finite(state, f'teacher {path}', 'retrain the teacher or pass another checkpoint as --teacher_params')
-    theirs = {v: k for k, v in ours.items()}
-    return {k: state[theirs[k]].detach().float().requires_grad_(False) for k in expected}
+    check_finite(state, f'{flag[2:].split("_")[0]} {path}', fix)
+    return {names_k: state[k].detach() for k, names_k in names.items()}
 
 
-def read_state_dict(path):
-    """The tensors of a RepDistiller checkpoint, under its names, num_batches_tracked dropped."""
+def read_state_dict(path, flag='--teacher_params'):
+    """(tensors, whether they are under our names): a RepDistiller or mdistiller checkpoint's
+    under its names (num_batches_tracked dropped; of an mdistiller distiller, the student's), or
+    a model.pt7's student under ours."""
+    if path.endswith('.pt7') or os.path.isdir(path):
+        state = load_checkpoint(os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path)
+        return network_params(state['params']), True
     if not os.path.isfile(path):
         raise UserError(f'RepDistiller checkpoint {path} does not exist; pass a .pth file written by '
-                        f'its train_teacher.py or train_student.py')
+                        f'its train_teacher.py or train_student.py as {flag}')
     try:
         # RepDistiller's *_last.pth also holds its argparse options; safe to rebuild, unlike an
         # arbitrary pickle, so allowing that one class keeps weights_only's protection.
@@ -152,4 +175,6 @@ def read_state_dict(path):
                         f"({{'model': state_dict, ...}}) or a state dict saved with torch.save")
     if all(k.startswith('module.') for k in state):  # saved from nn.DataParallel
         state = {k[len('module.'):]: v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
+    if any(k.startswith('student.') for k in state):  # an mdistiller distiller: student, teacher, its parts
+        state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+    return {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}, False

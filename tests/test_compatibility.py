@@ -17,7 +17,8 @@ FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'cohort_resume')
 # Options added since the fixture was made, at the values that do what the code did before them:
 # the only keys a resumed line may have beyond the fixture's, besides the flags of methods added
 # since (at their defaults, which switch them off).
-ADDED = {'train_per_class': 0, 'test_per_class': 0, 'param_table': False}
+ADDED = {'train_per_class': 0, 'test_per_class': 0, 'param_table': False, 'student_params': '', 'init': 'auto',
+         'augment': 'on'}
 
 
 def added(line, want):

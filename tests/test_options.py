@@ -148,6 +148,12 @@ CIFAR_CASES = [
      ['teacher weights missing.pth do not exist', 'RepDistiller checkpoint']),
     ('teacher_params', ['--teacher_params', 'weights_dir', '--teacher_arch', 'resnet8'],
      ['teacher weights weights_dir is a directory']),
+    ('student_params', ['--student_params', 'missing.pth'], ['student weights missing.pth do not exist',
+                                                             'mdistiller checkpoint of --arch']),
+    ('student_params', ['--student_params', 'weights_dir'], ['student weights weights_dir is a directory without a '
+                                                             'model.pt7']),
+    ('init', ['--init', 'kaiming'], ["--init 'kaiming' is not one of the choices", 'use one of auto, at, crd']),
+    ('augment', ['--augment', 'no'], ["--augment 'no' is not one of the choices", 'use one of on, off']),
     ('temperature', ['--temperature', 0], ['--temperature 0.0 is not positive', 'T > 0']),
     ('temperature', ['--temperature', -1], ['--temperature -1.0 is not positive']),
     ('temperature', ['--temperature', 'inf'], ['--temperature inf is not a finite number']),
