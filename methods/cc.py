@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from methods.base import Method, at_least_one, setting, weight
 from methods.formulas import at_least_fp32
-from utils import linear_params
+from methods.parts import torch_linear_params
 
 
 def cc_loss(e_s, e_t):
@@ -31,8 +31,8 @@ class CC(Method):
     examples = {'CC': {'cc_beta': 0.02}}
 
     def parts(self, o, nets, run):
-        return {'cc': {'embed_s': linear_params(nets.s.pooled.shape[1], o.cc_dim),
-                       'embed_t': linear_params(nets.t.pooled.shape[1], o.cc_dim)}}
+        return {'cc': {'embed_s': torch_linear_params(nets.s.pooled.shape[1], o.cc_dim),
+                       'embed_t': torch_linear_params(nets.t.pooled.shape[1], o.cc_dim)}}
 
     def terms(self, b):
         p = b.params

@@ -17,7 +17,7 @@ from engine.errors import UserError
 from engine.rules import NUMBER, Rule
 from methods.base import Method, at_least_one, positive, setting, weight
 from methods.formulas import at_least_fp32
-from utils import linear_params
+from methods.parts import torch_linear_params
 
 # RepDistiller's negatives per sample.
 NCE_K = 16384
@@ -32,7 +32,7 @@ def crd_params(dim_s, dim_t, feat_dim, n_data):
     ContrastMemory starts, and the normalisation constants Z of the two scores ('z': -1 until the
     first training batch fixes them)."""
     bound = (feat_dim / 3) ** -0.5
-    return {'embed_s': linear_params(dim_s, feat_dim), 'embed_t': linear_params(dim_t, feat_dim),
+    return {'embed_s': torch_linear_params(dim_s, feat_dim), 'embed_t': torch_linear_params(dim_t, feat_dim),
             'memory_s': torch.rand(n_data, feat_dim) * (2 * bound) - bound,
             'memory_t': torch.rand(n_data, feat_dim) * (2 * bound) - bound,
             'z': torch.full((2,), -1.0)}

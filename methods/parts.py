@@ -23,6 +23,18 @@ def torch_conv_params(shape, fan_in, n_bias):
             'bias': torch.empty(n_bias).uniform_(-bound, bound)}
 
 
+def torch_linear_params(n_in, n_out):
+    """{'weight', 'bias'} as torch's Linear starts (both uniform in +-1/sqrt(n_in)), which the
+    embeddings of RepDistiller's CC and CRD keep."""
+    return torch_conv_params((n_out, n_in), n_in, n_out)
+
+
+def torch_conv_weight(c_in, c_out, k=1):
+    """A bias-free convolution's weight as torch's Conv2d starts it (uniform in +-1/sqrt(fan_in)),
+    which RepDistiller's VID regressors keep."""
+    return torch.nn.init.kaiming_uniform_(torch.empty(c_out, c_in, k, k), a=5 ** 0.5)
+
+
 def conv_with_bias(c_in, c_out, kh, kw=None):
     kw = kh if kw is None else kw
     return torch_conv_params((c_out, c_in, kh, kw), c_in * kh * kw, c_out)

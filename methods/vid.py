@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from methods.base import Method, weight
 from methods.formulas import at_least_fp32, same_resolution
-from utils import conv_params
+from methods.parts import torch_conv_weight
 
 # RepDistiller's VIDLoss starts each channel's predicted variance at 5.
 INITIAL_VARIANCE, EPS = 5.0, 1e-5
@@ -49,8 +49,8 @@ class VID(Method):
         parts = {}
         for g, (s, t) in enumerate(zip(nets.s.groups, nets.t.groups)):
             c_s, c_t = s.shape[1], t.shape[1]
-            parts[f'vid{g}'] = {'conv0': conv_params(c_s, c_t), 'conv1': conv_params(c_t, c_t),
-                                'conv2': conv_params(c_t, c_t), 'log_scale': torch.full((c_t,), log_scale)}
+            parts[f'vid{g}'] = {'conv0': torch_conv_weight(c_s, c_t), 'conv1': torch_conv_weight(c_t, c_t),
+                                'conv2': torch_conv_weight(c_t, c_t), 'log_scale': torch.full((c_t,), log_scale)}
         return parts
 
     def terms(self, b):
