@@ -161,6 +161,12 @@ def columns(table, teacher, student, nets):
     return found
 
 
+def references():
+    """{benchmark column: Reference} of every method whose reference implementation the parity
+    harness (benchmarks/parity.py) trains beside this suite, in the methods' order."""
+    return {column: ref for m in all_methods() for column, ref in m.references.items()}
+
+
 def probe(teacher, student, num_classes=100, image_size=32):
     """Nets of a pair of the zoo's networks (RepDistiller's names), run on a blank image as a run
     builds them."""

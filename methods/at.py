@@ -11,7 +11,7 @@ multiplied by --beta_decay at each --epoch_step.
 import torch.nn.functional as F
 
 from engine.rules import NUMBER, Rule, choice
-from methods.base import KEPT, Method, setting, step_schedule, weight
+from methods.base import KEPT, Method, Reference, setting, step_schedule, weight
 from methods.formulas import at_least_fp32, same_resolution
 
 
@@ -41,6 +41,9 @@ def at_loss_paper(x, y, p=2):
 
 class AT(Method):
     name, title, order = 'at', 'AT', 20
+    references = {'at': Reference('RepDistiller', ('--distill', 'attention', '-r', 1, '-a', 0, '-b', 1000)),
+                  # not a column of RepDistiller's tables; its loop weighs CE, KD and AT as this suite does
+                  'at_kd': Reference('RepDistiller', ('--distill', 'attention', '-r', 0.1, '-a', 0.9, '-b', 1000))}
     flags = (
         # Not refused without a teacher: the reference code's runs pass it to students alone too.
         weight('beta', 'weight of the AT terms', needs_teacher=False, forward=None, neutral=KEPT),

@@ -108,6 +108,17 @@ class Nets(NamedTuple):
     train_labels: torch.Tensor = None
 
 
+class Reference(NamedTuple):
+    """How a reference implementation's own training code runs one benchmark column of a method,
+    for the parity harness (benchmarks/parity.py): the codebase, the flags of its training script,
+    and its names of the method's learned parts, as (regular expression over our 'aux.' name,
+    replacement: a template or a function of the match) pairs. RepDistiller's names live in the
+    namespace {'module_list': ..., 'criterion_list': ...} of its train_student.py."""
+    code: str
+    argv: tuple
+    parts: tuple = ()
+
+
 # ----------------------------------------------------------------------------------------------
 # The method
 
@@ -133,6 +144,7 @@ class Method:
     compiles = True  # its forward can run compiled
     own_forward = False  # its forward reads its run's seed and step: no sharing with other members
     examples = {}  # {label: member options}: its usual settings, as the cost benchmark times them
+    references = {}  # {benchmark column: Reference}: the reference's training of that column (parity)
 
     # -- what is on ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ RepDistiller's weight: 0.02.
 """
 import torch.nn.functional as F
 
-from methods.base import Method, at_least_one, setting, weight
+from methods.base import Method, Reference, at_least_one, setting, weight
 from methods.formulas import at_least_fp32
 from methods.parts import torch_linear_params
 
@@ -22,6 +22,10 @@ def cc_loss(e_s, e_t):
 
 class CC(Method):
     name, title, order = 'cc', 'CC', 70
+    references = {'cc': Reference('RepDistiller',
+                                  ('--distill', 'correlation', '-r', 1, '-a', 0, '-b', 0.02, '--feat_dim', 128),
+                                  parts=((r'aux\.cc\.embed_s\.(.*)', r'module_list.1.linear.\1'),
+                                         (r'aux\.cc\.embed_t\.(.*)', r'module_list.2.linear.\1')))}
     flags = (
         weight('cc_beta', 'correlation congruence: B * CC between learned embeddings of the pooled features'),
         setting('cc_dim', 128, "size of CC's linear embeddings (RepDistiller's 128)",

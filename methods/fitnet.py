@@ -10,7 +10,7 @@ benchmark's.
 import torch.nn.functional as F
 
 from engine.rules import choice
-from methods.base import Method, setting, weight
+from methods.base import Method, Reference, setting, weight
 from methods.formulas import feature_distance
 from methods.parts import connectable, convreg, convreg_params, same_size
 from utils import conv_params
@@ -20,6 +20,9 @@ REGRESSORS = ['conv', 'convreg']
 
 class FitNet(Method):
     name, title, order = 'fitnet', 'FitNet', 40
+    references = {'fitnet': Reference('RepDistiller',
+                                      ('--distill', 'hint', '-r', 1, '-a', 0, '-b', 100, '--hint_layer', 2),
+                                      parts=((r'aux\.fitnet\.(.*)', r'module_list.1.\1'),))}
     flags = (
         weight('fitnet_beta', "FitNets hint: B * MSE between a 3x3 regressor of the student's middle group "
                               "and the teacher's"),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine.errors import UserError
 from engine.rules import NUMBER, SWITCH_RULE, Rule
-from methods.base import KEPT, Method, positive, setting, weight
+from methods.base import KEPT, Method, Reference, positive, setting, weight
 from methods.formulas import at_least_fp32
 
 
@@ -40,6 +40,7 @@ def standardize_logits(z, eps=1e-7):
 
 class KD(Method):
     name, title, order = 'kd', 'KD', 10
+    references = {'kd': Reference('RepDistiller', ('--distill', 'kd', '-r', 0.1, '-a', 0.9, '-b', 0))}
     # The flags as the reference code has them: its temperature and alpha first.
     flags = (
         setting('temperature', 4, None, positive('a KD temperature T', 4), type=float, neutral=KEPT, shown=False,

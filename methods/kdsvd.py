@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import UserError
-from methods.base import Method, at_least_one, setting, weight
+from methods.base import Method, Reference, at_least_one, setting, weight
 from methods.formulas import at_least_fp32
 from methods.parts import equal_widths
 
@@ -67,6 +67,7 @@ def kdsvd_loss(groups_s, groups_t, k=1):
 
 class KDSVD(Method):
     name, title, order = 'kdsvd', 'KDSVD', 110
+    references = {'kdsvd': Reference('RepDistiller', ('--distill', 'kdsvd', '-r', 1, '-a', 0, '-b', 1))}
     flags = (
         weight('kdsvd_beta', "SVD distillation: B * KDSVD over consecutive groups' singular vectors"),
         setting('kdsvd_k', 1, 'singular vectors KDSVD compares per group',

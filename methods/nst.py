@@ -9,7 +9,7 @@ in RepDistiller. RepDistiller's weight: 50.
 """
 import torch.nn.functional as F
 
-from methods.base import Method, weight
+from methods.base import Method, Reference, weight
 from methods.formulas import at_least_fp32, same_resolution
 
 
@@ -25,6 +25,7 @@ def nst_loss(f_s, f_t):
 
 class NST(Method):
     name, title, order = 'nst', 'NST', 100
+    references = {'nst': Reference('RepDistiller', ('--distill', 'nst', '-r', 1, '-a', 0, '-b', 50))}
     flags = (weight('nst_beta', 'neuron selectivity transfer: B * NST (polynomial-kernel MMD) on each group'),)
     per_group = True
     examples = {'NST': {'nst_beta': 50}}

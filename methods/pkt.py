@@ -8,7 +8,7 @@ a mean over the b^2 entries, not a sum, as the authors' code. RepDistiller's wei
 """
 import torch
 
-from methods.base import Method, weight
+from methods.base import Method, Reference, weight
 from methods.formulas import at_least_fp32
 
 
@@ -24,6 +24,7 @@ def pkt_loss(e_s, e_t, eps=1e-7):
 
 class PKT(Method):
     name, title, order = 'pkt', 'PKT', 90
+    references = {'pkt': Reference('RepDistiller', ('--distill', 'pkt', '-r', 1, '-a', 0, '-b', 30000))}
     flags = (weight('pkt_beta', 'probabilistic knowledge transfer: B * PKT between the pooled features'),)
     reads = ('pooled',)
     examples = {'PKT': {'pkt_beta': 30000}}

@@ -11,7 +11,7 @@ w_a 50.
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, not_negative, setting, weight
+from methods.base import Method, Reference, not_negative, setting, weight
 from methods.formulas import at_least_fp32
 
 
@@ -40,6 +40,7 @@ def rkd_loss(e_s, e_t, w_d=25, w_a=50):
 
 class RKD(Method):
     name, title, order = 'rkd', 'RKD', 80
+    references = {'rkd': Reference('RepDistiller', ('--distill', 'rkd', '-r', 1, '-a', 0, '-b', 1))}
     flags = (
         weight('rkd_beta', 'relational KD: B * RKD (distance and angle) between the pooled features'),
         setting('rkd_w_d', 25, "weight of RKD's distance term",

@@ -8,7 +8,7 @@ The two networks' channel counts need not agree, only the batch. RepDistiller's 
 """
 import torch.nn.functional as F
 
-from methods.base import Method, weight
+from methods.base import Method, Reference, weight
 from methods.formulas import at_least_fp32
 
 
@@ -21,6 +21,7 @@ def sp_loss(f_s, f_t):
 
 class SP(Method):
     name, title, order = 'sp', 'SP', 60
+    references = {'sp': Reference('RepDistiller', ('--distill', 'similarity', '-r', 1, '-a', 0, '-b', 3000))}
     flags = (weight('sp_beta', "similarity-preserving KD: B * SP between the last groups' batch Gram matrices"),)
     examples = {'SP': {'sp_beta': 3000}}
 

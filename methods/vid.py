@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, weight
+from methods.base import Method, Reference, weight
 from methods.formulas import at_least_fp32, same_resolution
 from methods.parts import torch_conv_weight
 
@@ -39,6 +39,9 @@ def regressor(x, params, base):
 
 class VID(Method):
     name, title, order = 'vid', 'VID', 130
+    references = {'vid': Reference('RepDistiller', ('--distill', 'vid', '-r', 1, '-a', 0, '-b', 1), parts=(
+        (r'aux\.vid(\d)\.conv(\d)', lambda m: f'criterion_list.2.{m[1]}.regressor.{2 * int(m[2])}.weight'),
+        (r'aux\.vid(\d)\.log_scale', r'criterion_list.2.\1.log_scale')))}
     flags = (weight('vid_beta', "variational information distillation: B * VID on each group (learned regressors)"),)
     per_group = True
     examples = {'VID': {'vid_beta': 1}}

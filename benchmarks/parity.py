@@ -1,0 +1,343 @@
+"""Step-for-step parity of a transfer method with its reference implementation.
+
+    python3 benchmarks/parity.py --reference ~/RepDistiller --method all
+    python3 benchmarks/parity.py --reference ~/RepDistiller --method vid --steps 8
+    python3 benchmarks/parity.py --reference ~/RepDistiller --method all --record tests/fixtures/parity
+
+Both sides start from the same weights and see the same batches, in fp64:
+
+- the student and the teacher (CIFAR networks of the CRD benchmark, RepDistiller's initialisation)
+  are drawn here from a seed and saved as RepDistiller checkpoints; the reference loads them as
+  its own, this suite through --student_params and --teacher_params;
+- the method's learned parts are built by both sides, and the reference's are overwritten with
+  this suite's initial values (the `aux.` tensors, mapped to the reference's module names);
+- the batches are this suite's training batches of epoch 1 over a seeded set of random images
+  (--augment off), handed to the reference as its data loader.
+
+Then the reference trains N steps with its own training code (RepDistiller's train_student.py:
+its networks, its distiller modules, its train_distill loop and its optimizer), imported from the
+checkout at run time in a process of its own, and this suite trains N steps through train(), as
+cifar.py does. Per step, the script prints both sides' total loss and the largest relative
+difference, ||ours - theirs|| / ||theirs||, over the student's tensors and over the learned parts.
+
+--record writes the reference's trajectory as numbers (per step: the loss, and per tensor its norm
+and its projection on a fixed random direction) with the reference's commit, so that
+tests/test_parity.py checks this suite's steps against it without the reference at hand.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SEED = 0
+STUDENT, TEACHER, CLASSES = 'resnet8', 'resnet20', 100
+BATCH, LR = 16, 0.05  # RepDistiller trains with batch 64; 16 keeps the fp64 steps quick
+
+
+def references():
+    """{column: methods.base.Reference}: every benchmark column whose reference the harness runs,
+    as the methods' own files declare it (Method.references)."""
+    import methods
+    return methods.references()
+
+
+def reference_name(name, method):
+    """The reference's name of our tensor `name` ('student.*' or 'aux.*'), or None."""
+    from models import zoo
+    if name.startswith('student.'):
+        return 'module_list.0.' + zoo.repdistiller_name(STUDENT, name[len('student.'):])
+    for pattern, replacement in references()[method].parts:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return replacement(m) if callable(replacement) else m.expand(replacement)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The common start: weights, images and our learned parts' initial values, all drawn in fp64
+# (torch's fp64 draws take the same path on every CPU, its fp32 normal draw does not).
+
+def networks(workdir):
+    """Student and teacher drawn from SEED, saved as RepDistiller checkpoints; returns the paths."""
+    from models import zoo
+    from models.init import initialize
+    paths = {}
+    torch.manual_seed(SEED)
+    for role, arch in (('student', STUDENT), ('teacher', TEACHER)):
+        params = {k: v.detach().double() for k, v in zoo.network(arch, CLASSES)[1].items()}
+        initialize(params, zoo.family(arch), 'crd')
+        with torch.no_grad():  # a trained network's BNs are not the identity
+            for k, v in params.items():
+                if k.endswith('running_mean'):
+                    v.normal_(0, 0.1)
+                elif k.endswith('running_var'):
+                    v.uniform_(0.5, 1.5)
+        folder = os.path.join(workdir, f'{arch}_vanilla')  # where RepDistiller reads a teacher's name from
+        os.makedirs(folder, exist_ok=True)
+        paths[role] = os.path.join(folder, 'ckpt_epoch_240.pth')
+        torch.save({'model': zoo.to_repdistiller(params, arch)}, paths[role])
+    return paths
+
+
+def images(steps):
+    g = torch.Generator().manual_seed(SEED)
+    n = steps * BATCH
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), \
+        torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def redraw_parts_(params):
+    """Our learned parts' initial values, redrawn in fp64 with the spread of their own draw
+    (rounded to 3 digits), so that they are the same on every machine; constants stay."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for k, v in params.items():
+            if not k.startswith('aux.') or 'running' in k or v.numel() < 2 or bool((v == v.flatten()[0]).all()):
+                continue
+            spread = float(f'{float(v.double().std()):.3g}')
+            v.copy_((torch.rand(v.shape, dtype=torch.float64, generator=g) * 2 - 1) * spread * 3 ** 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# This suite's side
+
+def our_flags(method):
+    import methods
+    columns = methods.columns('crd', TEACHER, STUDENT, methods.probe(TEACHER, STUDENT, CLASSES))
+    flags = []
+    for k, v in columns[method].items():
+        flags += [f'--{k}', json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
+    return flags
+
+
+def ours(method, steps, workdir):
+    """Trains this suite N steps as the reference does; returns (losses, states): per step the
+    total loss and {our tensor name: value} of the student and the learned parts after it, and
+    the learned parts' initial values."""
+    import cifar
+    from datasets.cifar import Loader
+    from engine.cohort import start_runs
+    from engine.members import build_members
+    from engine.training import train
+    from utils import DTYPES
+    paths = networks(workdir)
+    x, y = images(steps)
+    argv = ['--arch', STUDENT, '--teacher_params', paths['teacher'], '--teacher_arch', TEACHER,
+            '--student_params', paths['student'], '--dataset', 'CIFAR100', '--dtype', 'double',
+            '--batch_size', BATCH, '--lr', LR, '--weight_decay', 5e-4, '--epochs', 1,
+            '--epoch_step', '[150,180,210]', '--lr_decay_ratio', 0.1, '--augment', 'off',
+            '--normalization', 'cifar100', '--compile', 'off', '--reference',
+            '--seed', SEED, '--save', os.path.join(workdir, 'ours', method), *our_flags(method)]
+    opt = cifar.parse_args([str(a) for a in argv])
+    device, runs = start_runs(opt, cifar.CIFAR_RULES, cifar.TEACHER_FLAGS)
+    teacher = cifar.load_teacher(opt, CLASSES)
+    start = cifar.load_student_params(opt, CLASSES)
+    layout = dict(dtype=DTYPES[opt.dtype], channels_last=False, normalization=opt.normalization)
+    train_loader = Loader(x, y, BATCH, train=True, seed=opt.data_seed, augment=False, **layout)
+    test_loader = Loader(x[:BATCH], y[:BATCH], BATCH, train=False, **layout)
+    members = build_members(runs, lambda: cifar.student(opt, CLASSES, start), teacher, image_size=32,
+                            device=device, channels_last=False, train_labels=train_loader.labels)
+    member = members[0]
+    redraw_parts_(member.params)
+    initial = {k: v.detach().clone() for k, v in member.params.items() if k.startswith('aux.')}
+    losses, states, pending = [], [], []
+    weighted_sum = member.weighted_sum
+
+    def recording_sum(terms):
+        loss = weighted_sum(terms)
+        pending.append(float(loss.detach()))
+        return loss
+    member.weighted_sum = recording_sum
+
+    def after_step(optimizer, args, kwargs):
+        losses.append(pending[-1])
+        states.append({k: v.detach().clone() for k, v in member.params.items()
+                       if k.startswith(('student.', 'aux.'))})
+    hook = register_optimizer_step_post_hook(after_step)
+    try:
+        train(opt, members, train_loader, test_loader, num_classes=CLASSES, device=device,
+              n_images=(len(x), BATCH))
+    finally:
+        hook.remove()
+    batches = []
+    train_loader.set_epoch(1)
+    for xb, yb, _, index in train_loader:
+        batches.append((xb, yb, index))
+    return losses, states, initial, batches, paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's side, in a process of its own (its `models` package is not ours)
+
+class Float64(torch.Tensor):
+    """A batch whose .float() keeps fp64: the reference's loop casts its input to fp32."""
+    def float(self):
+        return self.as_subclass(torch.Tensor)
+
+
+def reference_side(reference, workdir):
+    spec = torch.load(os.path.join(workdir, 'spec.pt'), weights_only=False)
+    torch.set_default_dtype(torch.float64)
+    sys.path.insert(0, reference)
+    import types
+    logger = types.ModuleType('tensorboard_logger')  # a logging dependency the training does not need
+    logger.Logger = lambda *a, **k: types.SimpleNamespace(log_value=lambda *a, **k: None)
+    sys.modules['tensorboard_logger'] = logger
+    import train_student as ts
+    student_path, build = spec['paths']['student'], ts.model_dict[spec['student']]
+
+    def student(num_classes):
+        model = build(num_classes=num_classes)
+        model.load_state_dict(torch.load(student_path)['model'])
+        return model
+    ts.model_dict = {**ts.model_dict, spec['student']: student}
+    train_batches = [(x.as_subclass(Float64), y, i) for x, y, i in spec['batches']]
+    val_batches = [(x.as_subclass(Float64), y) for x, y, _ in spec['batches'][:1]]
+    ts.get_cifar100_dataloaders = lambda **kw: (train_batches, val_batches, spec['n_data'])
+    losses, states, pending, recording = [], [], {'cls': [], 'div': [], 'kd': []}, [False]
+    real_train = ts.train
+
+    def train(epoch, train_loader, module_list, criterion_list, optimizer, opt):
+        tree = torch.nn.ModuleDict({'module_list': module_list, 'criterion_list': criterion_list})
+        tensors = dict(tree.named_parameters())
+        tensors.update(dict(tree.named_buffers()))
+        with torch.no_grad():
+            for name, value in spec['parts'].items():
+                tensors[name].copy_(value)
+
+        def hook(kind):
+            def record(module, args, output):
+                if recording[0]:
+                    out = sum(output) if isinstance(output, (list, tuple)) else output
+                    pending[kind].append(out.detach().clone() if torch.is_tensor(out) else torch.tensor(float(out)))
+            return record
+        kd = criterion_list[2]
+        handles = [criterion_list[0].register_forward_hook(hook('cls')),
+                   criterion_list[1].register_forward_hook(hook('div'))]
+        for m in (kd if isinstance(kd, torch.nn.ModuleList) else [kd]):
+            handles.append(m.register_forward_hook(hook('kd')))
+
+        def after_step(optimizer, args, kwargs):
+            kd_loss = sum(pending['kd']) if pending['kd'] else 0.0
+            losses.append(float(opt.gamma * pending['cls'][-1] + opt.alpha * pending['div'][-1] + opt.beta * kd_loss))
+            pending['kd'].clear()
+            states.append({k: v.detach().clone() for k, v in tensors.items() if k in spec['names']})
+        step_hook = optimizer.register_step_post_hook(after_step)
+        recording[0] = True
+        try:
+            return real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt)
+        finally:
+            recording[0] = False
+            step_hook.remove()
+            for h in handles:
+                h.remove()
+    ts.train = train
+    sys.argv = ['train_student.py', *spec['argv']]
+    os.chdir(workdir)
+    ts.main()
+    torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
+
+
+def run_reference(reference, method, workdir, initial, batches, paths, names):
+    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *references()[method].argv, '--batch_size', BATCH,
+            '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000]
+    spec = {'argv': [str(a) for a in argv], 'student': STUDENT, 'paths': paths, 'batches': batches,
+            'n_data': sum(len(b[1]) for b in batches), 'names': set(names.values()),
+            'parts': {names[k]: v for k, v in initial.items() if k in names}}
+    torch.save(spec, os.path.join(workdir, 'spec.pt'))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), '--reference', reference,
+                           '--reference-side', workdir], cwd=workdir, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f'the reference failed on {method}:\n{done.stdout[-2000:]}{done.stderr[-4000:]}')
+    return torch.load(os.path.join(workdir, 'reference.pt'), weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing, and the numbers the tests keep
+
+def relative(a, b):
+    scale = float(b.double().norm())
+    diff = float((a.double() - b.double()).norm())
+    return diff / scale if scale else diff
+
+
+def fingerprint(state):
+    """{name: [norm, projection on a fixed random direction]}: what the tests compare."""
+    out = {}
+    for k in sorted(state):
+        v = state[k].detach().double().flatten()
+        g = torch.Generator().manual_seed(len(k) * 7919 + v.numel())
+        direction = torch.randn(v.numel(), dtype=torch.float64, generator=g)
+        out[k] = [float(v.norm()), float(v @ direction)]
+    return out
+
+
+def compare(method, steps, reference, commit, record):
+    with tempfile.TemporaryDirectory() as workdir:
+        losses, states, initial, batches, paths = ours(method, steps, workdir)
+        names = {k: reference_name(k, method) for k in states[0]}
+        missing = [k for k, v in names.items() if v is None]
+        if missing:
+            sys.exit(f'{method}: no reference name for {missing[0]}; add it to the parts of its Reference')
+        theirs = run_reference(reference, method, workdir, initial, batches, paths, names)
+    ref = references()[method]
+    print(f'\n{method}: {ref.code} {commit[:7]} {" ".join(map(str, ref.argv))}, {steps} steps, fp64')
+    print('| step | loss here | loss there | student weights | learned parts |')
+    print('| --- | --- | --- | --- | --- |')
+    worst = 0.0
+    for step, (ours_state, their_state) in enumerate(zip(states, theirs['states']), 1):
+        student = max(relative(v, their_state[names[k]]) for k, v in ours_state.items() if k.startswith('student.'))
+        parts = [relative(v, their_state[names[k]]) for k, v in ours_state.items() if k.startswith('aux.')]
+        worst = max(worst, student, *parts)
+        print(f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | '
+              f'{max(parts):.1e} |' if parts else
+              f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | - |')
+    if len(theirs['states']) != steps or len(states) != steps:
+        sys.exit(f'{method}: {len(states)} steps here, {len(theirs["states"])} there, {steps} asked')
+    print(f'largest relative difference: {worst:.1e}')
+    if record:
+        os.makedirs(record, exist_ok=True)
+        inverse = {v: k for k, v in names.items()}
+        trajectory = {'method': method, 'reference': ref.code, 'commit': commit,
+                      'argv': ' '.join(map(str, ref.argv)), 'steps': steps,
+                      'largest_relative_difference': worst, 'losses': theirs['losses'],
+                      'weights': [fingerprint({inverse[k]: v for k, v in s.items()}) for s in theirs['states']]}
+        with open(os.path.join(record, f'{method}.json'), 'w') as f:
+            json.dump(trajectory, f, indent=0)
+    return worst
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--reference', required=True, help="a checkout of the reference's code (RepDistiller)")
+    p.add_argument('--method', default='all', help='a benchmark column (kd, at, vid ...), or all')
+    p.add_argument('--steps', default=5, type=int)
+    p.add_argument('--commit', default='', help="the reference's commit (default: git rev-parse HEAD in --reference)")
+    p.add_argument('--record', default='', help='folder to write the reference trajectories to (JSON, one per method)')
+    p.add_argument('--reference-side', default='', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reference_side:
+        return reference_side(os.path.abspath(args.reference), args.reference_side)
+    sys.path.insert(0, ROOT)
+    known = tuple(references())
+    if args.method != 'all' and args.method not in known:
+        sys.exit(f'--method {args.method} has no reference here; use one of {", ".join(known)} or all')
+    chosen = known if args.method == 'all' else (args.method,)
+    commit = args.commit or subprocess.run(['git', '-C', args.reference, 'rev-parse', 'HEAD'], capture_output=True,
+                                           text=True).stdout.strip() or 'unknown'
+    results = {m: compare(m, args.steps, os.path.abspath(args.reference), commit, args.record) for m in chosen}
+    print('\n| method | largest relative difference |\n| --- | --- |')
+    for m, worst in results.items():
+        print(f'| {m} | {worst:.1e} |')
+
+
+if __name__ == '__main__':
+    main()
