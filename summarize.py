@@ -36,7 +36,7 @@ PER_EPOCH = {'train_loss', 'train_acc', 'test_loss', 'test_acc', 'epoch', 'n_par
 # which of their flags are neutral where (methods.base.Flag.neutral).
 NEUTRAL = {'arch': 'wrn', 'crop_padding': 'reflect', 'normalization': 'cifar10', 'teacher_arch': '',
            'teacher_params': '', 'train_per_class': 0, 'test_per_class': 0, 'student_params': '', 'init': 'auto',
-           'augment': 'on', **methods.neutral()}
+           'augment': 'on', 'momentum_at_decay': 'restart', **methods.neutral()}
 # The methods' settings shown beside the weights when changed.
 METHOD_SETTINGS = tuple(methods.shown_settings())
 # The weights of the terms that compare the student with its teacher.

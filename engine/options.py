@@ -90,6 +90,9 @@ def add_common_arguments(p):
     """The flags cifar.py and imagenet.py share, with the reference code's defaults: the transfer
     methods' (methods/), then the run's."""
     methods.add_arguments(p)
+    p.add_argument('--momentum_at_decay', default='restart', type=str,
+                   help="SGD's momentum where the learning rate drops (--epoch_step): restart (the AT code, which "
+                        "builds a new optimizer there) or keep (RepDistiller, which lowers the rate in place)")
     p.add_argument('--seed', default=None, type=int, help='random seed (drawn and logged if omitted)')
     p.add_argument('--data_seed', default=None, type=int,
                    help="seed of the batches' order and augmentation (default: --seed, or the first "
@@ -143,6 +146,7 @@ RULES = {
     'lr_decay_ratio': Rule(NUMBER, lambda v: v > 0, 'is not positive',
                            'use a ratio > 0, e.g. 0.2, or 1 to keep --lr constant'),
     'resume': ANY_TEXT,
+    'momentum_at_decay': choice(['restart', 'keep']),
     **methods.rules(),
     'seed': Rule(OPTIONAL_INTEGER, lambda v: v is None or 0 <= v < SEED_LIMIT, 'is outside [0, 2**32)',
                  f'use a seed from 0 to {SEED_LIMIT - 1}, or leave --seed out to draw one'),

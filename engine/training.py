@@ -222,9 +222,10 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             else:
                 lr = learning_rate(opt, m.stage_epoch, epoch_step)
                 m.weights = m.objective.weights(m.stage_epoch, epoch_step)
-                if fresh and (m.stage_epoch in epoch_step or m.stage_epoch == 1 and m.init_epochs):
-                    # The reference code builds a new optimizer at each step, and after the init stage,
-                    # so momentum restarts.
+                decay = m.stage_epoch in epoch_step and m.opt.momentum_at_decay == 'restart'
+                if fresh and (decay or m.stage_epoch == 1 and m.init_epochs):
+                    # The AT code builds a new optimizer at each decay, and RepDistiller one after the
+                    # init stage, so momentum restarts there.
                     m.optimizer.state.clear()
             for group in m.optimizer.param_groups:
                 group['lr'] = lr

@@ -37,7 +37,7 @@ PAIRS=(
 )
 PROTOCOL=(--dataset CIFAR100 --epochs 240 --batch_size 64 --epoch_step '[150,180,210]'
           --lr_decay_ratio 0.1 --weight_decay 5e-4 --randomcrop_pad 4 --crop_padding zero
-          --normalization cifar100)
+          --normalization cifar100 --momentum_at_decay keep)
 
 learning_rate() {  # RepDistiller lowers it for its two smallest families
   case $1 in

@@ -18,7 +18,7 @@ FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'cohort_resume')
 # the only keys a resumed line may have beyond the fixture's, besides the flags of methods added
 # since (at their defaults, which switch them off).
 ADDED = {'train_per_class': 0, 'test_per_class': 0, 'param_table': False, 'student_params': '', 'init': 'auto',
-         'augment': 'on'}
+         'augment': 'on', 'momentum_at_decay': 'restart'}
 
 
 def added(line, want):

@@ -154,6 +154,8 @@ CIFAR_CASES = [
                                                              'model.pt7']),
     ('init', ['--init', 'kaiming'], ["--init 'kaiming' is not one of the choices", 'use one of auto, at, crd']),
     ('augment', ['--augment', 'no'], ["--augment 'no' is not one of the choices", 'use one of on, off']),
+    ('momentum_at_decay', ['--momentum_at_decay', 'reset'], ["--momentum_at_decay 'reset' is not one of the choices",
+                                                            'use one of restart, keep']),
     ('temperature', ['--temperature', 0], ['--temperature 0.0 is not positive', 'T > 0']),
     ('temperature', ['--temperature', -1], ['--temperature -1.0 is not positive']),
     ('temperature', ['--temperature', 'inf'], ['--temperature inf is not a finite number']),
@@ -285,6 +287,7 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_loaded(script, flag, ex
 # The choices argparse enforces on the command line, and values of the wrong type, matter for
 # options that arrive as JSON: check_option refuses them itself.
 DIRECT_CASES = [
+    (RULES, 'momentum_at_decay', 'reset', "--momentum_at_decay 'reset' is not one of the choices"),
     (RULES, 'alpha', True, '--alpha True is not a number'),
     (RULES, 'alpha', '0.9', "--alpha '0.9' is not a number"),
     (RULES, 'beta', None, '--beta None is not a number'),

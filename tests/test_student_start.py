@@ -173,3 +173,17 @@ def test_augment_off_yields_the_stored_images_and_pad_0_still_flips():
     flipped = torch.tensor([not torch.equal(a, s) and torch.allclose(a, m) for a, s, m in zip(x, stored, mirrored)])
     kept = torch.tensor([torch.allclose(a, s) for a, s in zip(x, stored)])
     assert bool((flipped | kept).all()) and 16 < int(flipped.sum()) < 48  # the original code flips at pad 0 too
+
+
+def test_momentum_at_decay_keep_is_a_rate_lowered_in_place_and_restart_a_new_optimizer(image_tree, tmp_path):
+    """With a decay ratio of 1 the rate stays: keeping the momentum trains as no decay at all does
+    (RepDistiller's adjust_learning_rate), restarting it does not (the AT code's new optimizer)."""
+    common = [*TINY, '--dataroot', image_tree, '--depth', 10, '--dtype', 'double', '--reference', '--epochs', 2,
+              '--seed', 1, '--lr_decay_ratio', 1]
+    runs = {'none': ['--epoch_step', '[]'], 'keep': ['--epoch_step', '[2]', '--momentum_at_decay', 'keep'],
+            'restart': ['--epoch_step', '[2]']}
+    for name, extra in runs.items():
+        ok(run_in_process(cifar.main, *common, *extra, '--save', f'logs/{name}', cwd=tmp_path))
+    none, keep, restart = (trained_student(tmp_path / 'logs' / n) for n in ('none', 'keep', 'restart'))
+    assert all(torch.equal(none[k], keep[k]) for k in none)
+    assert not all(torch.equal(none[k], restart[k]) for k in none)
