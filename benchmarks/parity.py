@@ -49,12 +49,14 @@ def references():
     return methods.references()
 
 
-def reference_name(name, method):
-    """The reference's name of our tensor `name` ('student.*' or 'aux.*'), or None."""
+def reference_name(name, method, init=False):
+    """The reference's name of our tensor `name` ('student.*' or 'aux.*'), in its main stage or
+    (`init`) its init stage, or None."""
     from models import zoo
     if name.startswith('student.'):
         return 'module_list.0.' + zoo.repdistiller_name(STUDENT, name[len('student.'):])
-    for pattern, replacement in references()[method].parts:
+    ref = references()[method]
+    for pattern, replacement in ref.init_parts if init else ref.parts:
         m = re.fullmatch(pattern, name)
         if m:
             return replacement(m) if callable(replacement) else m.expand(replacement)
@@ -65,21 +67,33 @@ def reference_name(name, method):
 # The common start: weights, images and our learned parts' initial values, all drawn in fp64
 # (torch's fp64 draws take the same path on every CPU, its fp32 normal draw does not).
 
-def networks(workdir):
-    """Student and teacher drawn from SEED, saved as RepDistiller checkpoints; returns the paths."""
+def networks(workdir, steps):
+    """Student and teacher drawn from SEED as RepDistiller draws them, their batch norms' running
+    statistics those of the harness's images (one forward in training mode, each layer taking
+    its batch's statistics whole), saved as RepDistiller checkpoints; returns the paths. A
+    teacher whose statistics fit its inputs keeps its activations in scale, as a trained one does."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from datasets.cifar import NORMALIZATION
     from models import zoo
     from models.init import initialize
+    x = images(steps)[0].double()
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in NORMALIZATION['cifar100'])
+    x = (x - mean) / std
+    batch_norm = F.batch_norm
+
+    def taking_the_batch_statistics(*args, **kwargs):
+        return batch_norm(*args, **{**kwargs, 'momentum': 1.0})
     paths = {}
     torch.manual_seed(SEED)
     for role, arch in (('student', STUDENT), ('teacher', TEACHER)):
-        params = {k: v.detach().double() for k, v in zoo.network(arch, CLASSES)[1].items()}
+        f, params = zoo.network(arch, CLASSES)
+        params = {k: v.detach().double() for k, v in params.items()}
         initialize(params, zoo.family(arch), 'crd')
-        with torch.no_grad():  # a trained network's BNs are not the identity
-            for k, v in params.items():
-                if k.endswith('running_mean'):
-                    v.normal_(0, 0.1)
-                elif k.endswith('running_var'):
-                    v.uniform_(0.5, 1.5)
+        with torch.no_grad(), mock.patch.object(F, 'batch_norm', taking_the_batch_statistics):
+            f(x, params, True)
         folder = os.path.join(workdir, f'{arch}_vanilla')  # where RepDistiller reads a teacher's name from
         os.makedirs(folder, exist_ok=True)
         paths[role] = os.path.join(folder, 'ckpt_epoch_240.pth')
@@ -119,16 +133,17 @@ def our_flags(method):
 
 
 def ours(method, steps, workdir):
-    """Trains this suite N steps as the reference does; returns (losses, states): per step the
-    total loss and {our tensor name: value} of the student and the learned parts after it, and
-    the learned parts' initial values."""
+    """Trains this suite N steps as the reference does (a method with an init stage: N steps of
+    it, then N of the main stage). Returns the losses and states (per step the total loss, and
+    {our tensor name: value} of the student and the learned parts after it), the learned parts'
+    initial values, the batches of each stage, and the networks' files."""
     import cifar
     from datasets.cifar import Loader
     from engine.cohort import start_runs
     from engine.members import build_members
     from engine.training import train
     from utils import DTYPES
-    paths = networks(workdir)
+    paths = networks(workdir, steps)
     x, y = images(steps)
     argv = ['--arch', STUDENT, '--teacher_params', paths['teacher'], '--teacher_arch', TEACHER,
             '--student_params', paths['student'], '--dataset', 'CIFAR100', '--dtype', 'double',
@@ -136,6 +151,8 @@ def ours(method, steps, workdir):
             '--epoch_step', '[150,180,210]', '--lr_decay_ratio', 0.1, '--augment', 'off',
             '--normalization', 'cifar100', '--compile', 'off', '--reference',
             '--seed', SEED, '--save', os.path.join(workdir, 'ours', method), *our_flags(method)]
+    if references()[method].init:
+        argv += ['--init_epochs', 1]
     opt = cifar.parse_args([str(a) for a in argv])
     device, runs = start_runs(opt, cifar.CIFAR_RULES, cifar.TEACHER_FLAGS)
     teacher = cifar.load_teacher(opt, CLASSES)
@@ -167,10 +184,10 @@ def ours(method, steps, workdir):
               n_images=(len(x), BATCH))
     finally:
         hook.remove()
-    batches = []
-    train_loader.set_epoch(1)
-    for xb, yb, _, index in train_loader:
-        batches.append((xb, yb, index))
+    batches = {}
+    for stage, epoch in (('init', 0), ('main', 1)):  # an init epoch draws the batches of epoch 0
+        train_loader.set_epoch(epoch)
+        batches[stage] = [(xb, yb, index) for xb, yb, _, index in train_loader]
     return losses, states, initial, batches, paths
 
 
@@ -199,59 +216,102 @@ def reference_side(reference, workdir):
         model.load_state_dict(torch.load(student_path)['model'])
         return model
     ts.model_dict = {**ts.model_dict, spec['student']: student}
-    train_batches = [(x.as_subclass(Float64), y, i) for x, y, i in spec['batches']]
-    val_batches = [(x.as_subclass(Float64), y) for x, y, _ in spec['batches'][:1]]
-    ts.get_cifar100_dataloaders = lambda **kw: (train_batches, val_batches, spec['n_data'])
-    losses, states, pending, recording = [], [], {'cls': [], 'div': [], 'kd': []}, [False]
-    real_train = ts.train
+    def fed(batches):
+        return [(x.as_subclass(Float64), y, i) for x, y, i in batches]
+    val_batches = [(x.as_subclass(Float64), y) for x, y, _ in spec['batches']['main'][:1]]
+    ts.get_cifar100_dataloaders = lambda **kw: (fed(spec['batches']['main']), val_batches, spec['n_data'])
+    losses, states, loaded = [], [], set()
+    real_train, real_init = ts.train, ts.init
 
-    def train(epoch, train_loader, module_list, criterion_list, optimizer, opt):
-        tree = torch.nn.ModuleDict({'module_list': module_list, 'criterion_list': criterion_list})
-        tensors = dict(tree.named_parameters())
-        tensors.update(dict(tree.named_buffers()))
+    def tensors_of(**modules):
+        tree = torch.nn.ModuleDict(modules)
+        return {**dict(tree.named_parameters()), **dict(tree.named_buffers())}
+
+    def load_parts(tensors, names):
+        """Our initial values into the reference's parts, each tensor once (the init stage's
+        parts are trained by then)."""
         with torch.no_grad():
-            for name, value in spec['parts'].items():
-                tensors[name].copy_(value)
+            for ours_name, value in spec['parts'].items():
+                t = tensors.get(names.get(ours_name))
+                if t is not None and id(t) not in loaded:
+                    t.copy_(value)
+                    loaded.add(id(t))
 
-        def hook(kind):
-            def record(module, args, output):
-                if recording[0]:
-                    out = sum(output) if isinstance(output, (list, tuple)) else output
-                    pending[kind].append(out.detach().clone() if torch.is_tensor(out) else torch.tensor(float(out)))
-            return record
-        kd = criterion_list[2]
-        handles = [criterion_list[0].register_forward_hook(hook('cls')),
-                   criterion_list[1].register_forward_hook(hook('div'))]
-        for m in (kd if isinstance(kd, torch.nn.ModuleList) else [kd]):
-            handles.append(m.register_forward_hook(hook('kd')))
+    def recording(tensors, names, losses_of_step, run):
+        """Runs `run` recording, after each step, the loss and our tensors' values."""
+        wanted = {ref: ours_name for ours_name, ref in names.items() if ref in tensors}
 
         def after_step(optimizer, args, kwargs):
-            kd_loss = sum(pending['kd']) if pending['kd'] else 0.0
-            losses.append(float(opt.gamma * pending['cls'][-1] + opt.alpha * pending['div'][-1] + opt.beta * kd_loss))
-            pending['kd'].clear()
-            states.append({k: v.detach().clone() for k, v in tensors.items() if k in spec['names']})
-        step_hook = optimizer.register_step_post_hook(after_step)
-        recording[0] = True
+            losses.append(float(losses_of_step()))
+            states.append({ours_name: tensors[ref].detach().clone() for ref, ours_name in wanted.items()})
+        hook = register_optimizer_step_post_hook(after_step)
         try:
-            return real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt)
+            return run()
         finally:
-            recording[0] = False
-            step_hook.remove()
+            hook.remove()
+
+    def outputs_of(modules):
+        """Forward hooks summing what `modules` return (a loss or a list of losses per group)."""
+        seen, handles = [], []
+
+        def record(module, args, output):
+            out = sum(output) if isinstance(output, (list, tuple)) else output
+            seen.append(out.detach().clone() if torch.is_tensor(out) else torch.tensor(float(out)))
+        for m in modules:
+            handles.append(m.register_forward_hook(record))
+        return seen, handles
+
+    def init(model_s, model_t, init_modules, criterion, train_loader, logger, opt):
+        tensors = tensors_of(module_list=torch.nn.ModuleList([model_s]), init_modules=init_modules,
+                             criterion=criterion)
+        load_parts(tensors, spec['init_names'])
+        seen, handles = outputs_of([criterion])
+
+        def step_loss():  # the init stage's loss is its criterion's, unweighted
+            loss = sum(seen)
+            seen.clear()
+            return loss
+        try:
+            return recording(tensors, spec['init_names'], step_loss,
+                             lambda: real_init(model_s, model_t, init_modules, criterion,
+                                               fed(spec['batches']['init']), logger, opt))
+        finally:
             for h in handles:
                 h.remove()
-    ts.train = train
+
+    def train(epoch, train_loader, module_list, criterion_list, optimizer, opt):
+        tensors = tensors_of(module_list=module_list, criterion_list=criterion_list)
+        load_parts(tensors, spec['names'])
+        kd = criterion_list[2]
+        cls, h_cls = outputs_of([criterion_list[0]])
+        div, h_div = outputs_of([criterion_list[1]])
+        kd_losses, h_kd = outputs_of(kd if isinstance(kd, torch.nn.ModuleList) else [kd])
+
+        def step_loss():  # train_distill's gamma * CE + alpha * KD + beta * the method's
+            loss = opt.gamma * cls[-1] + opt.alpha * div[-1] + opt.beta * (sum(kd_losses) if kd_losses else 0.0)
+            kd_losses.clear()
+            return loss
+        try:
+            return recording(tensors, spec['names'], step_loss,
+                             lambda: real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt))
+        finally:
+            for h in h_cls + h_div + h_kd:
+                h.remove()
+    ts.train, ts.init = train, init
     sys.argv = ['train_student.py', *spec['argv']]
     os.chdir(workdir)
     ts.main()
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
-def run_reference(reference, method, workdir, initial, batches, paths, names):
-    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *references()[method].argv, '--batch_size', BATCH,
-            '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000]
+def run_reference(reference, method, workdir, initial, batches, paths, names, init_names):
+    ref = references()[method]
+    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *ref.argv, '--batch_size', BATCH,
+            '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
+            *(['--init_epochs', 1] if ref.init else [])]
     spec = {'argv': [str(a) for a in argv], 'student': STUDENT, 'paths': paths, 'batches': batches,
-            'n_data': sum(len(b[1]) for b in batches), 'names': set(names.values()),
-            'parts': {names[k]: v for k, v in initial.items() if k in names}}
+            'n_data': sum(len(b[1]) for b in batches['main']), 'names': names, 'init_names': init_names,
+            'parts': initial}
     torch.save(spec, os.path.join(workdir, 'spec.pt'))
     done = subprocess.run([sys.executable, os.path.abspath(__file__), '--reference', reference,
                            '--reference-side', workdir], cwd=workdir, capture_output=True, text=True)
@@ -284,32 +344,36 @@ def compare(method, steps, reference, commit, record):
     with tempfile.TemporaryDirectory() as workdir:
         losses, states, initial, batches, paths = ours(method, steps, workdir)
         names = {k: reference_name(k, method) for k in states[0]}
+        init_names = {k: reference_name(k, method, init=True) for k in states[0]}
         missing = [k for k, v in names.items() if v is None]
         if missing:
             sys.exit(f'{method}: no reference name for {missing[0]}; add it to the parts of its Reference')
-        theirs = run_reference(reference, method, workdir, initial, batches, paths, names)
+        theirs = run_reference(reference, method, workdir, initial, batches, paths, names,
+                               {k: v for k, v in init_names.items() if v is not None})
     ref = references()[method]
     print(f'\n{method}: {ref.code} {commit[:7]} {" ".join(map(str, ref.argv))}, {steps} steps, fp64')
     print('| step | loss here | loss there | student weights | learned parts |')
     print('| --- | --- | --- | --- | --- |')
     worst = 0.0
     for step, (ours_state, their_state) in enumerate(zip(states, theirs['states']), 1):
-        student = max(relative(v, their_state[names[k]]) for k, v in ours_state.items() if k.startswith('student.'))
-        parts = [relative(v, their_state[names[k]]) for k, v in ours_state.items() if k.startswith('aux.')]
+        # The reference's parts outside its stage (FT's translator during the init stage) are not in reach.
+        student = max(relative(v, their_state[k]) for k, v in ours_state.items() if k.startswith('student.'))
+        parts = [relative(v, their_state[k]) for k, v in ours_state.items()
+                 if k.startswith('aux.') and k in their_state]
         worst = max(worst, student, *parts)
         print(f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | '
               f'{max(parts):.1e} |' if parts else
               f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | - |')
-    if len(theirs['states']) != steps or len(states) != steps:
-        sys.exit(f'{method}: {len(states)} steps here, {len(theirs["states"])} there, {steps} asked')
+    asked = steps * (2 if ref.init else 1)  # an init stage's steps, then the main stage's
+    if len(theirs['states']) != asked or len(states) != asked:
+        sys.exit(f'{method}: {len(states)} steps here, {len(theirs["states"])} there, {asked} asked')
     print(f'largest relative difference: {worst:.1e}')
     if record:
         os.makedirs(record, exist_ok=True)
-        inverse = {v: k for k, v in names.items()}
         trajectory = {'method': method, 'reference': ref.code, 'commit': commit,
                       'argv': ' '.join(map(str, ref.argv)), 'steps': steps,
                       'largest_relative_difference': worst, 'losses': theirs['losses'],
-                      'weights': [fingerprint({inverse[k]: v for k, v in s.items()}) for s in theirs['states']]}
+                      'weights': [fingerprint(s) for s in theirs['states']]}
         with open(os.path.join(record, f'{method}.json'), 'w') as f:
             json.dump(trajectory, f, indent=0)
     return worst

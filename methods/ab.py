@@ -9,7 +9,7 @@ teacher's side of each of its neurons' activation boundaries:
 with margin m = 1 (eq. 5-6; RepDistiller's factor 3/1000 kept, so that its weight 1 applies). The
 main stage has no AB term.
 """
-from methods.base import Method, weight
+from methods.base import Method, Reference, weight
 from methods.formulas import at_least_fp32
 from methods.parts import connectable, convreg, convreg_params
 
@@ -28,6 +28,8 @@ def ab_loss(groups_s, groups_t, margin=1.0):
 
 class AB(Method):
     name, title, order = 'ab', 'AB', 115
+    # Its pairs of equal shapes only: the connectors of other pairs are not mapped to RepDistiller's yet.
+    references = {'ab': Reference('RepDistiller', ('--distill', 'abound', '-r', 1, '-a', 0, '-b', 1), init=True)}
     flags = (weight('ab_beta', "activation boundaries: B * AB between the student's pre-ReLU groups, through learned "
                                "connectors, and the teacher's, in the init stage only (RepDistiller's weight: 1)"),)
     reads = ('preact',)

@@ -113,10 +113,14 @@ class Reference(NamedTuple):
     for the parity harness (benchmarks/parity.py): the codebase, the flags of its training script,
     and its names of the method's learned parts, as (regular expression over our 'aux.' name,
     replacement: a template or a function of the match) pairs. RepDistiller's names live in the
-    namespace {'module_list': ..., 'criterion_list': ...} of its train_student.py."""
+    namespace {'module_list': ..., 'criterion_list': ...} of its train_student.py's main stage
+    (`parts`) and {'module_list': [student], 'init_modules': ..., 'criterion': ...} of its init
+    stage (`init_parts`); `init`: the column trains an init stage first."""
     code: str
     argv: tuple
     parts: tuple = ()
+    init: bool = False
+    init_parts: tuple = ()
 
 
 # ----------------------------------------------------------------------------------------------

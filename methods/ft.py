@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.errors import UserError
 from engine.rules import NUMBER, Rule
 from methods.at import at
-from methods.base import Method, setting, weight
+from methods.base import Method, Reference, setting, weight
 from methods.formulas import at_least_fp32, same_resolution
 from methods.parts import conv_with_bias, transposed_conv_with_bias, unit_bnparams
 from utils import batch_norm
@@ -73,6 +73,12 @@ def translator_params(c_s, c_t, rate):
     return params
 
 
+def layers(part, kind, sequential, offset=0):
+    """Our `aux.ft.<part>.<kind><i>` in RepDistiller's nn.Sequential `sequential`, whose layers
+    take 3 entries each (convolution, batch norm or an empty Sequential, LeakyReLU)."""
+    return (rf'aux\.ft\.{part}\.{kind}(\d)\.(.*)', lambda m: f'{sequential}.{3 * int(m[1]) + offset}.{m[2]}')
+
+
 def translate(x, params, base, mode):
     """The student's factor of its group x, by the translator at `base`."""
     for i in range(3):
@@ -83,6 +89,14 @@ def translate(x, params, base, mode):
 
 class FT(Method):
     name, title, order = 'ft', 'FT', 170
+    references = {'ft': Reference(
+        'RepDistiller', ('--distill', 'factor', '-r', 1, '-a', 0, '-b', 200), init=True,
+        parts=(layers('paraphraser', 'conv', 'module_list.2.encoder'),
+               layers('paraphraser', 'deconv', 'module_list.2.decoder'),
+               layers('translator', 'conv', 'module_list.1.encoder'),
+               layers('translator', 'bn', 'module_list.1.encoder', 1)),
+        init_parts=(layers('paraphraser', 'conv', 'init_modules.0.encoder'),
+                    layers('paraphraser', 'deconv', 'init_modules.0.decoder')))}
     flags = (
         weight('ft_beta', "factor transfer: B * FT between a learned translator's factor of the student's last group "
                           "and the factor of the teacher's by a paraphraser, itself trained in the init stage to "

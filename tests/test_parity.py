@@ -41,12 +41,14 @@ def test_steps_equal_the_references(path, tmp_path):
     want = load(path)
     assert want['steps'] >= 5 and len(want['commit']) == 40
     losses, states, *_ = parity.ours(want['method'], want['steps'], str(tmp_path))
-    assert len(losses) == want['steps']
+    # A method with an init stage: its steps, then as many of the main stage.
+    assert len(losses) == len(want['losses']) == want['steps'] * (2 if parity.references()[want['method']].init else 1)
     for step, (loss, expected) in enumerate(zip(losses, want['losses']), 1):
         assert loss == pytest.approx(expected, rel=TOLERANCE), f'loss of step {step}'
     for step, (state, expected) in enumerate(zip(states, want['weights']), 1):
         got = parity.fingerprint(state)
-        assert set(got) == set(expected), set(got) ^ set(expected)
+        # The reference's parts outside the stage (FT's translator in the init stage) were out of its reach.
+        assert set(expected) <= set(got) and {k for k in got if k.startswith('student.')} <= set(expected)
         for name, (norm, projection) in expected.items():
             # Along a random direction the error is of the size of the difference's norm.
             assert abs(got[name][0] - norm) <= TOLERANCE * norm, f'{name} after step {step}'
