@@ -123,11 +123,12 @@ def redraw_parts_(params):
 # ----------------------------------------------------------------------------------------------
 # This suite's side
 
-def our_flags(method):
+def our_flags(method, n_train):
+    """The column's flags as crd_table.sh passes them, fitted to the harness's n_train images."""
     import methods
     columns = methods.columns('crd', TEACHER, STUDENT, methods.probe(TEACHER, STUDENT, CLASSES))
     flags = []
-    for k, v in columns[method].items():
+    for k, v in methods.for_training_set(columns[method], n_train).items():
         flags += [f'--{k}', json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
     return flags
 
@@ -137,11 +138,14 @@ def ours(method, steps, workdir):
     it, then N of the main stage). Returns the losses and states (per step the total loss, and
     {our tensor name: value} of the student and the learned parts after it), the learned parts'
     initial values, the batches of each stage, and the networks' files."""
+    from unittest import mock
+
     import cifar
     from datasets.cifar import Loader
     from engine.cohort import start_runs
     from engine.members import build_members
     from engine.training import train
+    from methods import crd
     from utils import DTYPES
     paths = networks(workdir, steps)
     x, y = images(steps)
@@ -150,7 +154,7 @@ def ours(method, steps, workdir):
             '--batch_size', BATCH, '--lr', LR, '--weight_decay', 5e-4, '--epochs', 1,
             '--epoch_step', '[150,180,210]', '--lr_decay_ratio', 0.1, '--augment', 'off',
             '--normalization', 'cifar100', '--compile', 'off', '--reference',
-            '--seed', SEED, '--save', os.path.join(workdir, 'ours', method), *our_flags(method)]
+            '--seed', SEED, '--save', os.path.join(workdir, 'ours', method), *our_flags(method, steps * BATCH)]
     if references()[method].init:
         argv += ['--init_epochs', 1]
     opt = cifar.parse_args([str(a) for a in argv])
@@ -179,16 +183,27 @@ def ours(method, steps, workdir):
         states.append({k: v.detach().clone() for k, v in member.params.items()
                        if k.startswith(('student.', 'aux.'))})
     hook = register_optimizer_step_post_hook(after_step)
+    # What a method draws in a step (CRD's negatives, with the sample itself in column 0), for the
+    # reference to be fed the same draws.
+    contrasts = []
+    scores = crd.scores
+
+    def recording_scores(*args):
+        contrasts.append(args[4].detach().clone())
+        return scores(*args)
     try:
-        train(opt, members, train_loader, test_loader, num_classes=CLASSES, device=device,
-              n_images=(len(x), BATCH))
+        with mock.patch.object(crd, 'scores', recording_scores):
+            train(opt, members, train_loader, test_loader, num_classes=CLASSES, device=device,
+                  n_images=(len(x), BATCH))
     finally:
         hook.remove()
     batches = {}
     for stage, epoch in (('init', 0), ('main', 1)):  # an init epoch draws the batches of epoch 0
         train_loader.set_epoch(epoch)
         batches[stage] = [(xb, yb, index) for xb, yb, _, index in train_loader]
-    return losses, states, initial, batches, paths
+    if contrasts:
+        batches['main'] = [(*b, c) for b, c in zip(batches['main'], contrasts)]
+    return losses, states, initial, batches, paths, vars(opt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,10 +231,15 @@ def reference_side(reference, workdir):
         model.load_state_dict(torch.load(student_path)['model'])
         return model
     ts.model_dict = {**ts.model_dict, spec['student']: student}
+    import crd.memory
+    # Its sampler moves its tables to the GPU unasked; the harness feeds the draws instead.
+    crd.memory.AliasMethod.cuda = lambda self: self
+
     def fed(batches):
-        return [(x.as_subclass(Float64), y, i) for x, y, i in batches]
-    val_batches = [(x.as_subclass(Float64), y) for x, y, _ in spec['batches']['main'][:1]]
+        return [(x.as_subclass(Float64), *rest) for x, *rest in batches]
+    val_batches = [(x.as_subclass(Float64), y) for x, y, *_ in spec['batches']['main'][:1]]
     ts.get_cifar100_dataloaders = lambda **kw: (fed(spec['batches']['main']), val_batches, spec['n_data'])
+    ts.get_cifar100_dataloaders_sample = ts.get_cifar100_dataloaders
     losses, states, loaded = [], [], set()
     real_train, real_init = ts.train, ts.init
 
@@ -227,23 +247,35 @@ def reference_side(reference, workdir):
         tree = torch.nn.ModuleDict(modules)
         return {**dict(tree.named_parameters()), **dict(tree.named_buffers())}
 
+    def tensor(tensors, name):
+        """The reference's tensor `name`, or a slice of it ('params[2:4]'), and a key for it that
+        is the same under any name; (None, None) where it is not in reach."""
+        base, _, part = (name or '').partition('[')
+        if base not in tensors:
+            return None, None
+        t = tensors[base]
+        if not part:
+            return t, id(t)
+        start, stop = map(int, part.rstrip(']').split(':'))
+        return t[start:stop], (id(t), start, stop)
+
     def load_parts(tensors, names):
         """Our initial values into the reference's parts, each tensor once (the init stage's
         parts are trained by then)."""
         with torch.no_grad():
             for ours_name, value in spec['parts'].items():
-                t = tensors.get(names.get(ours_name))
-                if t is not None and id(t) not in loaded:
+                t, key = tensor(tensors, names.get(ours_name))
+                if t is not None and key not in loaded:
                     t.copy_(value)
-                    loaded.add(id(t))
+                    loaded.add(key)
 
     def recording(tensors, names, losses_of_step, run):
         """Runs `run` recording, after each step, the loss and our tensors' values."""
-        wanted = {ref: ours_name for ours_name, ref in names.items() if ref in tensors}
+        wanted = {ours_name: ref for ours_name, ref in names.items() if tensor(tensors, ref)[0] is not None}
 
         def after_step(optimizer, args, kwargs):
             losses.append(float(losses_of_step()))
-            states.append({ours_name: tensors[ref].detach().clone() for ref, ours_name in wanted.items()})
+            states.append({ours_name: tensor(tensors, ref)[0].detach().clone() for ours_name, ref in wanted.items()})
         hook = register_optimizer_step_post_hook(after_step)
         try:
             return run()
@@ -304,9 +336,10 @@ def reference_side(reference, workdir):
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
-def run_reference(reference, method, workdir, initial, batches, paths, names, init_names):
+def run_reference(reference, method, workdir, initial, batches, paths, names, init_names, options):
     ref = references()[method]
-    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *ref.argv, '--batch_size', BATCH,
+    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *(str(a).format(**options) for a in ref.argv),
+            '--batch_size', BATCH,
             '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
             *(['--init_epochs', 1] if ref.init else [])]
     spec = {'argv': [str(a) for a in argv], 'student': STUDENT, 'paths': paths, 'batches': batches,
@@ -342,16 +375,17 @@ def fingerprint(state):
 
 def compare(method, steps, reference, commit, record):
     with tempfile.TemporaryDirectory() as workdir:
-        losses, states, initial, batches, paths = ours(method, steps, workdir)
+        losses, states, initial, batches, paths, options = ours(method, steps, workdir)
         names = {k: reference_name(k, method) for k in states[0]}
         init_names = {k: reference_name(k, method, init=True) for k in states[0]}
         missing = [k for k, v in names.items() if v is None]
         if missing:
             sys.exit(f'{method}: no reference name for {missing[0]}; add it to the parts of its Reference')
         theirs = run_reference(reference, method, workdir, initial, batches, paths, names,
-                               {k: v for k, v in init_names.items() if v is not None})
+                               {k: v for k, v in init_names.items() if v is not None}, options)
     ref = references()[method]
-    print(f'\n{method}: {ref.code} {commit[:7]} {" ".join(map(str, ref.argv))}, {steps} steps, fp64')
+    argv = ' '.join(str(a).format(**options) for a in ref.argv)
+    print(f'\n{method}: {ref.code} {commit[:7]} {argv}, {steps} steps, fp64')
     print('| step | loss here | loss there | student weights | learned parts |')
     print('| --- | --- | --- | --- | --- |')
     worst = 0.0
@@ -371,7 +405,7 @@ def compare(method, steps, reference, commit, record):
     if record:
         os.makedirs(record, exist_ok=True)
         trajectory = {'method': method, 'reference': ref.code, 'commit': commit,
-                      'argv': ' '.join(map(str, ref.argv)), 'steps': steps,
+                      'argv': argv, 'steps': steps,
                       'largest_relative_difference': worst, 'losses': theirs['losses'],
                       'weights': [fingerprint(s) for s in theirs['states']]}
         with open(os.path.join(record, f'{method}.json'), 'w') as f:

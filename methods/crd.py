@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import UserError
 from engine.rules import NUMBER, Rule
-from methods.base import Method, at_least_one, positive, setting, weight
+from methods.base import Method, Reference, at_least_one, positive, setting, weight
 from methods.formulas import at_least_fp32
 from methods.parts import torch_linear_params
 
@@ -130,6 +130,15 @@ def draw_seed(seed, step):
 
 class CRD(Method):
     name, title, order = 'crd', 'CRD', 210
+    # RepDistiller's memory_v1 holds the student's embeddings, its params[2:4] the two Z; K is the run's.
+    references = {column: Reference('RepDistiller', ('--distill', 'crd', '-r', 1, '-a', alpha, '-b', 0.8,
+                                                     '--nce_k', '{crd_nce_k}', '--feat_dim', '{crd_feat_dim}'), parts=(
+        (r'aux\.crd\.embed_s\.(.*)', r'module_list.1.linear.\1'),
+        (r'aux\.crd\.embed_t\.(.*)', r'module_list.2.linear.\1'),
+        (r'aux\.crd\.memory_s', 'criterion_list.2.contrast.memory_v1'),
+        (r'aux\.crd\.memory_t', 'criterion_list.2.contrast.memory_v2'),
+        (r'aux\.crd\.z', 'criterion_list.2.contrast.params[2:4]')))
+        for column, alpha in (('crd', 0), ('crd_kd', 1))}
     flags = (
         weight('crd_beta', "contrastive representation distillation: B * CRD between the pooled features "
                            "(RepDistiller's weight: 0.8)"),
