@@ -3,6 +3,7 @@
     python3 benchmarks/parity.py --reference ~/RepDistiller --method all
     python3 benchmarks/parity.py --reference ~/RepDistiller --method vid --steps 8
     python3 benchmarks/parity.py --reference ~/RepDistiller --method all --record tests/fixtures/parity
+    python3 benchmarks/parity.py --reference ~/mdistiller --method all      # its methods (DKD)
 
 Both sides start from the same weights and see the same batches, in fp64:
 
@@ -15,8 +16,8 @@ Both sides start from the same weights and see the same batches, in fp64:
   (--augment off), handed to the reference as its data loader.
 
 Then the reference trains N steps with its own training code (RepDistiller's train_student.py:
-its networks, its distiller modules, its train_distill loop and its optimizer), imported from the
-checkout at run time in a process of its own, and this suite trains N steps through train(), as
+its networks, its distiller modules, its train_distill loop and its optimizer; or mdistiller's
+BaseTrainer over its distiller), imported from the checkout at run time in a process of its own, and this suite trains N steps through train(), as
 cifar.py does. Per step, the script prints both sides' total loss and the largest relative
 difference, ||ours - theirs|| / ||theirs||, over the student's tensors and over the learned parts.
 
@@ -36,6 +37,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Where each reference keeps the student (mdistiller's networks are RepDistiller's, names included).
+STUDENT_PREFIX = {'RepDistiller': 'module_list.0.', 'mdistiller': 'distiller.student.'}
 ROOT = os.path.dirname(HERE)
 SEED = 0
 STUDENT, TEACHER, CLASSES = 'resnet8', 'resnet20', 100
@@ -53,9 +56,9 @@ def reference_name(name, method, init=False):
     """The reference's name of our tensor `name` ('student.*' or 'aux.*'), in its main stage or
     (`init`) its init stage, or None."""
     from models import zoo
-    if name.startswith('student.'):
-        return 'module_list.0.' + zoo.repdistiller_name(STUDENT, name[len('student.'):])
     ref = references()[method]
+    if name.startswith('student.'):
+        return STUDENT_PREFIX[ref.code] + zoo.repdistiller_name(STUDENT, name[len('student.'):])
     for pattern, replacement in ref.init_parts if init else ref.parts:
         m = re.fullmatch(pattern, name)
         if m:
@@ -219,6 +222,8 @@ def reference_side(reference, workdir):
     spec = torch.load(os.path.join(workdir, 'spec.pt'), weights_only=False)
     torch.set_default_dtype(torch.float64)
     sys.path.insert(0, reference)
+    if spec['code'] == 'mdistiller':
+        return mdistiller_side(spec, workdir)
     import types
     logger = types.ModuleType('tensorboard_logger')  # a logging dependency the training does not need
     logger.Logger = lambda *a, **k: types.SimpleNamespace(log_value=lambda *a, **k: None)
@@ -336,13 +341,77 @@ def reference_side(reference, workdir):
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
+def mdistiller_side(spec, workdir):
+    """mdistiller's BaseTrainer (its optimizer, train_epoch and train_iter) over its distiller of
+    the method, built from its default configuration with the Reference's overrides."""
+    import types
+    writer = types.ModuleType('tensorboardX')  # a logging dependency the training does not need
+    writer.SummaryWriter = lambda *a, **k: types.SimpleNamespace(add_scalar=lambda *a, **k: None,
+                                                                 flush=lambda: None)
+    sys.modules['tensorboardX'] = writer
+    torch.Tensor.cuda = lambda self, *a, **k: self  # its loops move every batch to a GPU unasked
+    import ast
+
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.engine import trainer_dict
+    from mdistiller.engine.cfg import CFG
+    from mdistiller.models import cifar_model_dict
+    cfg = CFG.clone()
+    for key, value in zip(spec['argv'][::2], spec['argv'][1::2]):  # yacs wants each default's type
+        node, (*path, last) = cfg, key.split('.')
+        for name in path:
+            node = node[name]
+        node[last] = value if isinstance(node[last], str) else type(node[last])(ast.literal_eval(value))
+    cfg.SOLVER.LR, cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.EPOCHS = LR, BATCH, 1
+    cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.MOMENTUM = 5e-4, 0.9
+    cfg.LOG.PREFIX, cfg.LOG.WANDB = workdir, False
+
+    def network(role, arch):
+        model = cifar_model_dict[arch][0](num_classes=CLASSES)
+        model.load_state_dict(torch.load(spec['paths'][role])['model'])
+        return model
+    distiller = distiller_dict[cfg.DISTILLER.TYPE](network('student', spec['student']),
+                                                   network('teacher', spec['teacher']), cfg)
+    distiller = torch.nn.DataParallel(distiller)  # as its train.py wraps it; on a CPU it calls the module
+    tensors = {**dict(torch.nn.ModuleDict({'distiller': distiller.module}).named_parameters()),
+               **dict(torch.nn.ModuleDict({'distiller': distiller.module}).named_buffers())}
+    with torch.no_grad():
+        for ours_name, value in spec['parts'].items():
+            if spec['names'].get(ours_name) in tensors:
+                tensors[spec['names'][ours_name]].copy_(value)
+    train = [(x.as_subclass(Float64), *rest) for x, *rest in spec['batches']['main']]
+    val = [(x.as_subclass(Float64), y) for x, y, *_ in spec["batches"]["main"][:1]]
+    trainer = trainer_dict[cfg.SOLVER.TRAINER]('parity', distiller, train, val, cfg)
+    losses, states, seen = [], [], []
+
+    def record(module, args, kwargs, output):
+        if module.training:
+            seen.append(sum(loss.mean() for loss in output[1].values()).detach())
+    hook = distiller.module.register_forward_hook(record, with_kwargs=True)
+    wanted = {ours_name: ref for ours_name, ref in spec['names'].items() if ref in tensors}
+
+    def after_step(optimizer, args, kwargs):
+        losses.append(float(seen[-1]))
+        states.append({ours_name: tensors[ref].detach().clone() for ours_name, ref in wanted.items()})
+    step_hook = register_optimizer_step_post_hook(after_step)
+    try:
+        trainer.train_epoch(1)
+    finally:
+        step_hook.remove()
+        hook.remove()
+    torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
+
+
 def run_reference(reference, method, workdir, initial, batches, paths, names, init_names, options):
     ref = references()[method]
     argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *(str(a).format(**options) for a in ref.argv),
             '--batch_size', BATCH,
             '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
             *(['--init_epochs', 1] if ref.init else [])]
-    spec = {'argv': [str(a) for a in argv], 'student': STUDENT, 'paths': paths, 'batches': batches,
+    if ref.code == 'mdistiller':  # its configuration's overrides, KEY VALUE ...
+        argv = [str(a).format(**options) for a in ref.argv]
+    spec = {'argv': [str(a) for a in argv], 'code': ref.code, 'student': STUDENT, 'teacher': TEACHER,
+            'paths': paths, 'batches': batches,
             'n_data': sum(len(b[1]) for b in batches['main']), 'names': names, 'init_names': init_names,
             'parts': initial}
     torch.save(spec, os.path.join(workdir, 'spec.pt'))
@@ -415,7 +484,8 @@ def compare(method, steps, reference, commit, record):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--reference', required=True, help="a checkout of the reference's code (RepDistiller)")
+    p.add_argument('--reference', required=True,
+                   help="a checkout of a reference's code: RepDistiller, or mdistiller (a folder holding mdistiller/)")
     p.add_argument('--method', default='all', help='a benchmark column (kd, at, vid ...), or all')
     p.add_argument('--steps', default=5, type=int)
     p.add_argument('--commit', default='', help="the reference's commit (default: git rev-parse HEAD in --reference)")
@@ -425,9 +495,10 @@ def main(argv=None):
     if args.reference_side:
         return reference_side(os.path.abspath(args.reference), args.reference_side)
     sys.path.insert(0, ROOT)
-    known = tuple(references())
+    code = 'mdistiller' if os.path.isdir(os.path.join(args.reference, 'mdistiller')) else 'RepDistiller'
+    known = tuple(c for c, ref in references().items() if ref.code == code)
     if args.method != 'all' and args.method not in known:
-        sys.exit(f'--method {args.method} has no reference here; use one of {", ".join(known)} or all')
+        sys.exit(f'--method {args.method} has no reference in {code}; use one of {", ".join(known)} or all')
     chosen = known if args.method == 'all' else (args.method,)
     commit = args.commit or subprocess.run(['git', '-C', args.reference, 'rev-parse', 'HEAD'], capture_output=True,
                                            text=True).stdout.strip() or 'unknown'

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.rules import INTEGER
-from methods.base import Method, not_negative, setting, warmed_up, weight
+from methods.base import Method, Reference, not_negative, setting, warmed_up, weight
 from methods.formulas import at_least_fp32
 from methods.kd import standardize_logits
 
@@ -42,6 +42,10 @@ def dkd_loss(y_s, y_t, labels, alpha=1.0, beta=8.0, T=4.0, standardize=False):
 
 class DKD(Method):
     name, title, order = 'dkd', 'DKD', 140
+    # mdistiller's configuration overrides (its configs/cifar100/dkd/*.yaml set DKD.BETA per pair)
+    references = {'dkd': Reference('mdistiller', ('DISTILLER.TYPE', 'DKD', 'DKD.CE_WEIGHT', 1.0, 'DKD.ALPHA',
+                                                  '{dkd_alpha}', 'DKD.BETA', '{dkd_nckd}', 'DKD.T', '{temperature}',
+                                                  'DKD.WARMUP', '{dkd_warmup}'))}
     flags = (
         weight('dkd_beta', 'decoupled KD: B * (alpha TCKD + nckd NCKD) at --temperature, warmed up linearly'),
         setting('dkd_alpha', 1, "DKD's weight of target-class KD (its alpha)",
