@@ -12,14 +12,16 @@ Both sides start from the same weights and see the same batches, in fp64:
   its own, this suite through --student_params and --teacher_params;
 - the method's learned parts are built by both sides, and the reference's are overwritten with
   this suite's initial values (the `aux.` tensors, mapped to the reference's module names);
-- the batches are this suite's training batches of epoch 1 over a seeded set of random images
-  (--augment off), handed to the reference as its data loader.
+- the batches are this suite's training batches over a seeded set of random images (--augment
+  off), handed to the reference as its data loader, with what this suite drew in each step
+  where the reference would draw (CRD's negatives).
 
 Then the reference trains N steps with its own training code (RepDistiller's train_student.py:
 its networks, its distiller modules, its train_distill loop and its optimizer; or mdistiller's
-BaseTrainer over its distiller), imported from the checkout at run time in a process of its own, and this suite trains N steps through train(), as
-cifar.py does. Per step, the script prints both sides' total loss and the largest relative
-difference, ||ours - theirs|| / ||theirs||, over the student's tensors and over the learned parts.
+BaseTrainer over its distiller), imported from the checkout at run time in a process of its
+own, and this suite trains N steps through train(), as cifar.py does. Per step, the script
+prints both sides' total loss and the largest relative difference, ||ours - theirs|| /
+||theirs||, over the student's tensors and over the learned parts.
 
 --record writes the reference's trajectory as numbers (per step: the loss, and per tensor its norm
 and its projection on a fixed random direction) with the reference's commit, so that
