@@ -485,6 +485,7 @@ def compare(method, steps, reference, commit, record):
 
 
 def main(argv=None):
+    global TEACHER, STUDENT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--reference', required=True,
                    help="a checkout of a reference's code: RepDistiller, or mdistiller (a folder holding mdistiller/)")
@@ -492,10 +493,16 @@ def main(argv=None):
     p.add_argument('--steps', default=5, type=int)
     p.add_argument('--commit', default='', help="the reference's commit (default: git rev-parse HEAD in --reference)")
     p.add_argument('--record', default='', help='folder to write the reference trajectories to (JSON, one per method)')
+    p.add_argument('--pair', default=f'{TEACHER}:{STUDENT}', metavar='TEACHER:STUDENT',
+                   help='the networks (RepDistiller names); the recorded trajectories are of the default pair')
     p.add_argument('--reference-side', default='', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reference_side:
         return reference_side(os.path.abspath(args.reference), args.reference_side)
+    if args.pair != f'{TEACHER}:{STUDENT}':
+        if args.record:
+            sys.exit(f'--record keeps the trajectories of the pair the tests run ({TEACHER}:{STUDENT}); drop --pair')
+        TEACHER, STUDENT = args.pair.split(':')
     sys.path.insert(0, ROOT)
     code = 'mdistiller' if os.path.isdir(os.path.join(args.reference, 'mdistiller')) else 'RepDistiller'
     known = tuple(c for c, ref in references().items() if ref.code == code)
