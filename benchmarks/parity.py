@@ -220,6 +220,63 @@ class Float64(torch.Tensor):
         return self.as_subclass(torch.Tensor)
 
 
+def tensors_of(**modules):
+    """{name: tensor} of every parameter and buffer of `modules`, named within one namespace."""
+    tree = torch.nn.ModuleDict(modules)
+    return {**dict(tree.named_parameters()), **dict(tree.named_buffers())}
+
+
+def tensor(tensors, name):
+    """The reference's tensor `name`, or a slice of it ('params[2:4]'), and a key for it that is
+    the same under any name; (None, None) where it is not in reach."""
+    base, _, part = (name or '').partition('[')
+    if base not in tensors:
+        return None, None
+    t = tensors[base]
+    if not part:
+        return t, id(t)
+    start, stop = map(int, part.rstrip(']').split(':'))
+    return t[start:stop], (id(t), start, stop)
+
+
+def load_parts(parts, tensors, names, loaded):
+    """Our initial values of the learned parts into the reference's tensors, each tensor once
+    (`loaded`: the keys done; the init stage's parts are trained by the main stage)."""
+    with torch.no_grad():
+        for ours_name, value in parts.items():
+            t, key = tensor(tensors, names.get(ours_name))
+            if t is not None and key not in loaded:
+                t.copy_(value)
+                loaded.add(key)
+
+
+def recording(tensors, names, loss_of_step, run, losses, states):
+    """Runs `run`, appending after each optimizer step its loss and {our name: value} of the
+    reference's tensors in reach."""
+    wanted = {ours_name: ref for ours_name, ref in names.items() if tensor(tensors, ref)[0] is not None}
+
+    def after_step(optimizer, args, kwargs):
+        losses.append(float(loss_of_step()))
+        states.append({ours_name: tensor(tensors, ref)[0].detach().clone() for ours_name, ref in wanted.items()})
+    hook = register_optimizer_step_post_hook(after_step)
+    try:
+        return run()
+    finally:
+        hook.remove()
+
+
+def outputs_of(modules):
+    """Forward hooks summing what `modules` return (a loss or a list of losses per group)."""
+    seen, handles = [], []
+
+    def record(module, args, output):
+        out = sum(output) if isinstance(output, (list, tuple)) else output
+        seen.append(out.detach().clone() if torch.is_tensor(out) else torch.tensor(float(out)))
+    for m in modules:
+        handles.append(m.register_forward_hook(record))
+    return seen, handles
+
+
 def reference_side(reference, workdir):
     spec = torch.load(os.path.join(workdir, 'spec.pt'), weights_only=False)
     torch.set_default_dtype(torch.float64)
@@ -250,60 +307,10 @@ def reference_side(reference, workdir):
     losses, states, loaded = [], [], set()
     real_train, real_init = ts.train, ts.init
 
-    def tensors_of(**modules):
-        tree = torch.nn.ModuleDict(modules)
-        return {**dict(tree.named_parameters()), **dict(tree.named_buffers())}
-
-    def tensor(tensors, name):
-        """The reference's tensor `name`, or a slice of it ('params[2:4]'), and a key for it that
-        is the same under any name; (None, None) where it is not in reach."""
-        base, _, part = (name or '').partition('[')
-        if base not in tensors:
-            return None, None
-        t = tensors[base]
-        if not part:
-            return t, id(t)
-        start, stop = map(int, part.rstrip(']').split(':'))
-        return t[start:stop], (id(t), start, stop)
-
-    def load_parts(tensors, names):
-        """Our initial values into the reference's parts, each tensor once (the init stage's
-        parts are trained by then)."""
-        with torch.no_grad():
-            for ours_name, value in spec['parts'].items():
-                t, key = tensor(tensors, names.get(ours_name))
-                if t is not None and key not in loaded:
-                    t.copy_(value)
-                    loaded.add(key)
-
-    def recording(tensors, names, losses_of_step, run):
-        """Runs `run` recording, after each step, the loss and our tensors' values."""
-        wanted = {ours_name: ref for ours_name, ref in names.items() if tensor(tensors, ref)[0] is not None}
-
-        def after_step(optimizer, args, kwargs):
-            losses.append(float(losses_of_step()))
-            states.append({ours_name: tensor(tensors, ref)[0].detach().clone() for ours_name, ref in wanted.items()})
-        hook = register_optimizer_step_post_hook(after_step)
-        try:
-            return run()
-        finally:
-            hook.remove()
-
-    def outputs_of(modules):
-        """Forward hooks summing what `modules` return (a loss or a list of losses per group)."""
-        seen, handles = [], []
-
-        def record(module, args, output):
-            out = sum(output) if isinstance(output, (list, tuple)) else output
-            seen.append(out.detach().clone() if torch.is_tensor(out) else torch.tensor(float(out)))
-        for m in modules:
-            handles.append(m.register_forward_hook(record))
-        return seen, handles
-
     def init(model_s, model_t, init_modules, criterion, train_loader, logger, opt):
         tensors = tensors_of(module_list=torch.nn.ModuleList([model_s]), init_modules=init_modules,
                              criterion=criterion)
-        load_parts(tensors, spec['init_names'])
+        load_parts(spec['parts'], tensors, spec['init_names'], loaded)
         seen, handles = outputs_of([criterion])
 
         def step_loss():  # the init stage's loss is its criterion's, unweighted
@@ -313,14 +320,14 @@ def reference_side(reference, workdir):
         try:
             return recording(tensors, spec['init_names'], step_loss,
                              lambda: real_init(model_s, model_t, init_modules, criterion,
-                                               fed(spec['batches']['init']), logger, opt))
+                                               fed(spec['batches']['init']), logger, opt), losses, states)
         finally:
             for h in handles:
                 h.remove()
 
     def train(epoch, train_loader, module_list, criterion_list, optimizer, opt):
         tensors = tensors_of(module_list=module_list, criterion_list=criterion_list)
-        load_parts(tensors, spec['names'])
+        load_parts(spec['parts'], tensors, spec['names'], loaded)
         kd = criterion_list[2]
         cls, h_cls = outputs_of([criterion_list[0]])
         div, h_div = outputs_of([criterion_list[1]])
@@ -332,7 +339,8 @@ def reference_side(reference, workdir):
             return loss
         try:
             return recording(tensors, spec['names'], step_loss,
-                             lambda: real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt))
+                             lambda: real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt),
+                             losses, states)
         finally:
             for h in h_cls + h_div + h_kd:
                 h.remove()
@@ -375,43 +383,31 @@ def mdistiller_side(spec, workdir):
     distiller = distiller_dict[cfg.DISTILLER.TYPE](network('student', spec['student']),
                                                    network('teacher', spec['teacher']), cfg)
     distiller = torch.nn.DataParallel(distiller)  # as its train.py wraps it; on a CPU it calls the module
-    tensors = {**dict(torch.nn.ModuleDict({'distiller': distiller.module}).named_parameters()),
-               **dict(torch.nn.ModuleDict({'distiller': distiller.module}).named_buffers())}
-    with torch.no_grad():
-        for ours_name, value in spec['parts'].items():
-            if spec['names'].get(ours_name) in tensors:
-                tensors[spec['names'][ours_name]].copy_(value)
+    tensors = tensors_of(distiller=distiller.module)
+    load_parts(spec['parts'], tensors, spec['names'], set())
     train = [(x.as_subclass(Float64), *rest) for x, *rest in spec['batches']['main']]
-    val = [(x.as_subclass(Float64), y) for x, y, *_ in spec["batches"]["main"][:1]]
+    val = [(x.as_subclass(Float64), y) for x, y, *_ in spec['batches']['main'][:1]]
     trainer = trainer_dict[cfg.SOLVER.TRAINER]('parity', distiller, train, val, cfg)
     losses, states, seen = [], [], []
 
-    def record(module, args, kwargs, output):
+    def record(module, args, kwargs, output):  # the loss train_iter steps on: its loss dict's sum
         if module.training:
             seen.append(sum(loss.mean() for loss in output[1].values()).detach())
     hook = distiller.module.register_forward_hook(record, with_kwargs=True)
-    wanted = {ours_name: ref for ours_name, ref in spec['names'].items() if ref in tensors}
-
-    def after_step(optimizer, args, kwargs):
-        losses.append(float(seen[-1]))
-        states.append({ours_name: tensors[ref].detach().clone() for ours_name, ref in wanted.items()})
-    step_hook = register_optimizer_step_post_hook(after_step)
     try:
-        trainer.train_epoch(1)
+        recording(tensors, spec['names'], lambda: seen[-1], lambda: trainer.train_epoch(1), losses, states)
     finally:
-        step_hook.remove()
         hook.remove()
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
 def run_reference(reference, method, workdir, initial, batches, paths, names, init_names, options):
     ref = references()[method]
-    argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *(str(a).format(**options) for a in ref.argv),
-            '--batch_size', BATCH,
-            '--epochs', 1, '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
-            *(['--init_epochs', 1] if ref.init else [])]
-    if ref.code == 'mdistiller':  # its configuration's overrides, KEY VALUE ...
-        argv = [str(a).format(**options) for a in ref.argv]
+    argv = [str(a).format(**options) for a in ref.argv]  # mdistiller's: its configuration's overrides, KEY VALUE ...
+    if ref.code == 'RepDistiller':  # train_student.py's command line
+        argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *argv, '--batch_size', BATCH, '--epochs', 1,
+                '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
+                *(['--init_epochs', 1] if ref.init else [])]
     spec = {'argv': [str(a) for a in argv], 'code': ref.code, 'student': STUDENT, 'teacher': TEACHER,
             'paths': paths, 'batches': batches,
             'n_data': sum(len(b[1]) for b in batches['main']), 'names': names, 'init_names': init_names,
@@ -466,9 +462,9 @@ def compare(method, steps, reference, commit, record):
         parts = [relative(v, their_state[k]) for k, v in ours_state.items()
                  if k.startswith('aux.') and k in their_state]
         worst = max(worst, student, *parts)
+        shown_parts = f'{max(parts):.1e}' if parts else '-'
         print(f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | '
-              f'{max(parts):.1e} |' if parts else
-              f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | - |')
+              f'{shown_parts} |')
     asked = steps * (2 if ref.init else 1)  # an init stage's steps, then the main stage's
     if len(theirs['states']) != asked or len(states) != asked:
         sys.exit(f'{method}: {len(states)} steps here, {len(theirs["states"])} there, {asked} asked')

@@ -59,7 +59,7 @@ def initialize(params, family, scheme):
         return params
     if family not in CONV:
         raise ValueError(f'no CRD initialisation for the {family} family')
-    weight_of = {}
+    bias_of = {}  # module -> (how its bias starts, the fan-in of its weight), set at its weight
     with torch.no_grad():
         for name, t in params.items():
             module, _, tensor = name.rpartition('.')
@@ -69,20 +69,20 @@ def initialize(params, family, scheme):
                 t.fill_(1.0 if tensor == 'weight' else 0.0)
             elif t.dim() == 4:
                 fan_in, fan_out = fans(t)
-                weight_of[module if tensor == 'weight' else name] = (4, fan_in)
+                bias_of[module] = (0.0 if CONV[family] == FAN_OUT else DEFAULT, fan_in)
                 if CONV[family] == FAN_OUT:
                     t.normal_(0, math.sqrt(2 / fan_out))
                 else:
                     pytorch_default_(t, fan_in)
             elif t.dim() == 2:
-                weight_of[module] = (2, fans(t)[0])
+                fan_in = fans(t)[0]
+                bias_of[module] = (CLASSIFIER[family][1], fan_in)
                 if CLASSIFIER[family][0] == SMALL:
                     t.normal_(0, 0.01)
                 else:
-                    pytorch_default_(t, fans(t)[0])
-            elif tensor == 'bias' and module in weight_of:
-                dim, fan_in = weight_of[module]
-                rule = 0.0 if dim == 4 and CONV[family] == FAN_OUT else CLASSIFIER[family][1] if dim == 2 else DEFAULT
+                    pytorch_default_(t, fan_in)
+            elif tensor == 'bias' and module in bias_of:
+                rule, fan_in = bias_of[module]
                 if rule == DEFAULT:
                     pytorch_default_(t, fan_in)
                 else:
