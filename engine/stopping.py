@@ -24,9 +24,11 @@ def reports_user_errors(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         main_running(True)
+        by_signal = False
         try:
             return main(*args, **kwargs)
         except (UserError, RunStopped) as e:
+            by_signal = isinstance(e, RunStopped) and e.exit_code > 128
             if isinstance(e, Interrupted):
                 pass  # its line is out already
             elif distributed.is_main() or isinstance(e, LostProcess):
@@ -45,6 +47,12 @@ def reports_user_errors(main):
             # are free again; a process killed outright leaves a lock file the next one takes over.
             release_run_dirs()
             main_running(False)
+            if by_signal:
+                # Tearing the interpreter down takes a second with torch loaded, and it sets the
+                # signals back to their default action first: a second Ctrl-C then would kill the
+                # process instead of leaving with the code of the line already printed.
+                for s in SignalStop.SIGNALS:
+                    signal.signal(s, signal.SIG_IGN)
     return wrapper
 
 
