@@ -108,7 +108,8 @@ def student(opt, num_classes, start=None):
     f, params = network(opt.arch, opt.depth, opt.width, num_classes)
     initialize(params, zoo.family(opt.arch), resolve(opt.init, opt.arch))
     if start is not None:
-        params = {k: start[k].detach().requires_grad_(v.requires_grad) for k, v in params.items()}
+        # A copy each: the members of a cohort train their own.
+        params = {k: start[k].detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
     return f, params
 
 

@@ -21,7 +21,7 @@ from engine.members import build_members
 from engine.options import IMAGENET_RULES, add_common_arguments, check_paths, given_flags
 from engine.stopping import reports_user_errors
 from engine.training import train
-from resnet import define_student, define_teacher
+from resnet import define_student, define_teacher, load_student_file
 from utils import DTYPES
 
 
@@ -36,6 +36,10 @@ def parse_args(argv=None):
                    help='image decoding worker processes (default: the cores this process may use)')
     p.add_argument('--teacher_params', default='', type=str,
                    help='teacher weights: torchvision resnet18/34 state dict, BN-folded export or model.pt7')
+    p.add_argument('--student_params', default='', type=str,
+                   help='start the student from these weights (of --depth and --width): a torchvision resnet18/34 '
+                        "state dict or a model.pt7 of imagenet.py (its student); a cohort's members all start from "
+                        'them')
     # Training options
     p.add_argument('--batch_size', default=256, type=int)
     p.add_argument('--lr', default=0.1, type=float)
@@ -60,6 +64,17 @@ def load_teacher(path, num_classes):
     return f, params
 
 
+def student(opt, num_classes, start=None):
+    """(f, params): the student drawn from torch's generator, then, with `start` (the tensors of
+    --student_params), holding those instead, in the file's dtype (the run casts them once). The
+    draw happens either way, so the methods' learned parts, drawn next, start the same."""
+    f, params = define_student(opt.depth, opt.width, num_classes)
+    if start is not None:
+        # A copy each: the members of a cohort train their own.
+        params = {k: start[k].detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    return f, params
+
+
 @reports_user_errors
 def main(argv=None):
     opt = parse_args(argv)
@@ -76,7 +91,10 @@ def main(argv=None):
     num_classes = len(train_loader.classes)
 
     teacher = load_teacher(opt.teacher_params, num_classes) if opt.teacher_params else None
-    members = build_members(runs, lambda: define_student(opt.depth, opt.width, num_classes), teacher,
+    # A resumed student is its checkpoint's.
+    start = (load_student_file(opt.student_params, opt.depth, opt.width, num_classes)
+             if opt.student_params and not opt.resume else None)
+    members = build_members(runs, lambda: student(opt, num_classes, start), teacher,
                             image_size=224, device=device, channels_last=layout['channels_last'],
                             train_labels=train_loader.labels)
 

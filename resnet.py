@@ -76,7 +76,7 @@ def resnet(depth, width, num_classes):
             o, _ = block(o, params, f'{base}.block{i}', mode, 1)
         return o, entry
 
-    def f(input, params, mode, base='', pooled=False, preact=False):
+    def f(input, params, mode, base='', pooled=False, preact=False, stem=False):
         x = F.conv2d(input, params[base + 'conv0'], padding=1)
         g0, _ = group(x, params, base + 'group0', mode, 1)
         g1, p0 = group(g0, params, base + 'group1', mode, 2)
@@ -84,6 +84,8 @@ def resnet(depth, width, num_classes):
         p2 = batch_norm(g2, params, base + 'bn', mode)
         o = F.avg_pool2d(F.relu(p2), 8, 1, 0).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if stem:  # a pre-activation network's stem is its first convolution
+            return logits, (g0, g1, g2), o, (p0, p1, p2), x
         if preact:
             # A pre-activation block has no ReLU at its end: RepDistiller's pre-ReLU value of a
             # group is the BN that the next block (or the final bn) applies to it, which the
@@ -136,9 +138,10 @@ def define_student(depth, width, num_classes=1000):
             x = batch_norm(F.conv2d(x, params[base + '.conv_dim'], stride=stride), params, base + '.bn_dim', mode)
         return F.relu(o + x)
 
-    def f(input, params, mode, prefix='', pooled=False):
+    def f(input, params, mode, prefix='', pooled=False, stem=False):
         o = F.conv2d(input, params[prefix + 'conv0'], stride=2, padding=3)
-        o = F.max_pool2d(F.relu(batch_norm(o, params, prefix + 'bn0', mode)), 3, 2, 1)
+        s0 = F.relu(batch_norm(o, params, prefix + 'bn0', mode))
+        o = F.max_pool2d(s0, 3, 2, 1)
         outputs = []
         for g, n in enumerate(blocks):
             for i in range(n):
@@ -146,6 +149,8 @@ def define_student(depth, width, num_classes=1000):
             outputs.append(o)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
+        if stem:  # no pre-ReLU groups here
+            return logits, outputs, o, None, s0
         return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f, params
@@ -162,9 +167,10 @@ def teacher_forward(blocks):
             x = F.conv2d(x, params[base + '.conv_dim.weight'], stride=stride)
         return F.relu(o + x)
 
-    def f(input, params, prefix='', pooled=False):
+    def f(input, params, prefix='', pooled=False, stem=False):
         o = F.conv2d(input, params[prefix + 'conv0.weight'], params[prefix + 'conv0.bias'], stride=2, padding=3)
-        o = F.max_pool2d(F.relu(o), 3, 2, 1)
+        s0 = F.relu(o)
+        o = F.max_pool2d(s0, 3, 2, 1)
         outputs = []
         for g, n in enumerate(blocks):
             for i in range(n):
@@ -172,6 +178,8 @@ def teacher_forward(blocks):
             outputs.append(o)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
+        if stem:  # no pre-ReLU groups here
+            return logits, outputs, o, None, s0
         return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f
@@ -211,7 +219,7 @@ TORCHVISION_NAMES = [  # torchvision resnet18/34 state-dict names -> the student
 ]
 
 
-def from_torchvision(state, path):
+def from_torchvision(state, path, role='teacher'):
     """The tensors under the student's names, and {student name: torchvision name}."""
     params, names = {}, {}
     for k, v in state.items():
@@ -225,44 +233,64 @@ def from_torchvision(state, path):
                 params[name], names[name] = v, k
                 break
         else:
+            can = 'teach' if role == 'teacher' else 'start a student'
             raise UserError(f'{path}: unexpected tensor {k}; only basic-block ResNets '
-                            f'(torchvision resnet18, resnet34) can teach here')
+                            f'(torchvision resnet18, resnet34) can {can} here')
     return params, names
 
 
-def read_teacher_file(path):
-    """(tensors, whether they still have BNs to fold, {our name: the file's name}) from any
-    file define_teacher reads."""
+TEACHER_FILES = 'a torchvision resnet18/34 state dict, the BN-folded export or a model.pt7 as --teacher_params'
+STUDENT_FILES = 'a torchvision resnet18/34 state dict or a model.pt7 of imagenet.py as --student_params'
+
+
+def read_teacher_file(path, role='teacher', files=TEACHER_FILES):
+    """(tensors, {our name: the file's name}, whether they still have BNs to fold) from any
+    file define_teacher (or, for a student, load_student_file) reads."""
     if not os.path.isfile(path):
-        raise UserError(f'teacher weights {path} do not exist; pass a torchvision resnet18/34 '
-                        f'state dict, the BN-folded export or a model.pt7 as --teacher_params')
+        raise UserError(f'{role} weights {path} do not exist; pass {files}')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load reports damage through many exception types
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f'cannot read teacher weights {path} ({first_line}); expected a file '
+        raise UserError(f'cannot read {role} weights {path} ({first_line}); expected a file '
                         f'written by torch.save') from None
     if isinstance(state, dict) and isinstance(state.get('params'), dict):  # a model.pt7
         state = network_params({**state['params'], **(state.get('stats') or {})})
     elif isinstance(state, dict) and isinstance(state.get('state_dict'), dict):  # pytorch/examples
         state = state['state_dict']
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f'{path} is not a dict of tensors; expected teacher weights saved with torch.save')
+        raise UserError(f'{path} is not a dict of tensors; expected {role} weights saved with torch.save')
     if all(k.startswith('module.') for k in state):  # saved from nn.DataParallel
         state = {k[len('module.'):]: v for k, v in state.items()}
     if 'conv1.weight' in state:
-        return (*from_torchvision(state, path), True)
+        return (*from_torchvision(state, path, role), True)
     return state, {}, 'conv0' in state
 
 
-def check_tensors(params, expected, names, path, depth):
+def check_tensors(params, expected, names, path, what, fix=''):
     for k in sorted(expected.keys() | params.keys()):
         if k not in params or k not in expected:
-            what = f'lacks {k}' if k not in params else f'has unexpected {names.get(k, k)}'
-            raise UserError(f'{path} is not a ResNet-{depth} teacher: it {what}')
+            problem = f'it lacks {k}' if k not in params else f'it has unexpected {names.get(k, k)}'
+            raise UserError(f'{path} is not {what}: {problem}{fix}')
         if params[k].shape != expected[k].shape:
-            raise UserError(f'{path} is not a ResNet-{depth} teacher: {names.get(k, k)} has shape '
-                            f'{tuple(params[k].shape)}, expected {tuple(expected[k].shape)}')
+            raise UserError(f'{path} is not {what}: {names.get(k, k)} has shape '
+                            f'{tuple(params[k].shape)}, expected {tuple(expected[k].shape)}{fix}')
+
+
+def load_student_file(path, depth, width, num_classes):
+    """The student's tensors from a torchvision resnet18/34 state dict or a model.pt7 of
+    imagenet.py, checked against --depth, --width and the data's classes, in the file's dtype."""
+    params, names, has_bn = read_teacher_file(path, 'student', STUDENT_FILES)
+    if not has_bn:
+        raise UserError(f'{path} is a BN-folded export, which has no batch norms for a student to train; pass '
+                        f'{STUDENT_FILES}')
+    with torch.device('meta'):  # shapes only
+        expected = define_student(depth, width, num_classes)[1]
+    check_tensors(params, expected, names, path, f'a ResNet-{depth} of --width {width:g} for {num_classes} classes',
+                  '; check --depth and --width, or pass other weights as --student_params')
+    check_finite({names.get(k, k): v for k, v in params.items()}, f'student {path}',
+                 'pass other weights as --student_params')
+    return {k: v.detach() for k, v in params.items()}
 
 
 def define_teacher(path):
@@ -281,7 +309,7 @@ def define_teacher(path):
                         f'pass weights of one of those')
     with torch.device('meta'):  # shapes only
         expected = define_student(depth, params[stem].shape[0] / 64, params['fc.weight'].shape[0])[1]
-    check_tensors(params, expected if has_bn else fold_batch_norm(expected), names, path, depth)
+    check_tensors(params, expected if has_bn else fold_batch_norm(expected), names, path, f'a ResNet-{depth} teacher')
     check_finite({names.get(k, k): v for k, v in params.items()}, f'teacher {path}',
                  'retrain the teacher or pass other weights as --teacher_params')
     params = fold_batch_norm(params) if has_bn else params

@@ -44,6 +44,7 @@ class Objective:
         # The networks hand out their pooled feature and pre-ReLU groups only to the methods that read them.
         self.pooled = self.has_teacher and 'pooled' in reads
         self.preact = self.has_teacher and 'preact' in reads
+        self.stem = self.has_teacher and 'stem' in reads
         self.teacher_gradient = 'teacher_input_gradient' in reads
         self.double_backward = 'input_gradient' in reads
         self.compiles = not self.double_backward and all(m.compiles for m in self.methods)
@@ -63,38 +64,40 @@ class Objective:
             return params
         return {k: v for k, v in params.items() if k.startswith(prefix) and not k.startswith('aux.')}
 
-    def asked(self, pooled, preact):
-        """The keyword arguments that ask a network for its pooled feature and pre-ReLU groups: none
-        when neither is needed, so that networks without them (the ImageNet ones take no preact)
-        run as ever."""
-        return {'preact': True} if preact else {'pooled': True} if pooled else {}
+    def asked(self, pooled, preact, stem=False):
+        """The keyword arguments that ask a network for its pooled feature, pre-ReLU groups or stem
+        output (each asks for the ones before it too): none when none is needed, so that networks
+        without them (the ImageNet ones take no preact) run as ever."""
+        return {'stem': True} if stem else {'preact': True} if preact else {'pooled': True} if pooled else {}
 
     def student(self, x, params, mode):
-        asked = self.asked(self.pooled, self.preact)
+        asked = self.asked(self.pooled, self.preact, self.stem)
         return Outputs(*data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix, **asked), x,
                                       self.network(params, self.prefix), mode, range(self.opt.ngpu), self.replicas))
 
-    def teacher(self, x, params, pooled, preact):
-        asked = self.asked(pooled, preact)
+    def teacher(self, x, params, pooled, preact, stem):
+        asked = self.asked(pooled, preact, stem)
         return Outputs(*data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.', **asked), x,
                                       self.network(params, 'teacher.'), False, range(self.opt.ngpu), self.replicas))
 
-    def teacher_outputs(self, x, y, params, input_gradient_too=False, pooled=None, preact=None):
+    def teacher_outputs(self, x, y, params, input_gradient_too=False, pooled=None, preact=None, stem=None):
         """The teacher's Outputs: computed once per batch and shared by every student that learns
-        from it (a cohort), so `pooled` and `preact` (default: whether this run needs them) are
-        asked for if any of them does."""
+        from it (a cohort), so `pooled`, `preact` and `stem` (default: whether this run needs them)
+        are asked for if any of them does."""
         pooled = self.pooled if pooled is None else pooled
         preact = self.preact if preact is None else preact
+        stem = self.stem if stem is None else stem
         if not input_gradient_too:
             with torch.no_grad():
-                return self.teacher(x, params, pooled, preact)
+                return self.teacher(x, params, pooled, preact, stem)
         x_t = x.detach().requires_grad_()
         with torch.enable_grad():
-            t = self.teacher(x_t, params, pooled, preact)
+            t = self.teacher(x_t, params, pooled, preact, stem)
             j_t = input_gradient(t.logits, y, x_t)
         return Outputs(t.logits.detach(), [g.detach() for g in t.groups],
                        None if t.pooled is None else t.pooled.detach(),
-                       None if t.preact is None else [p.detach() for p in t.preact], j_t)
+                       None if t.preact is None else [p.detach() for p in t.preact],
+                       None if t.stem is None else t.stem.detach(), j_t)
 
     # -- the terms -------------------------------------------------------------------------------
 
@@ -161,7 +164,7 @@ class Objective:
         def blank(prefix):  # in the network's dtype: a --student_params file keeps its own until the run casts
             dtype = next(v.dtype for k, v in params.items() if k.startswith(prefix) and v.is_floating_point())
             return torch.zeros(1, 3, image_size, image_size, dtype=dtype)
-        asked = self.asked(self.pooled, self.preact)
+        asked = self.asked(self.pooled, self.preact, self.stem)
         with torch.no_grad():
             s = Outputs(*self.f_s(blank(self.prefix), params, False, self.prefix, **asked))
             t = Outputs(*self.f_t(blank('teacher.'), params, 'teacher.', **asked)) if self.has_teacher else None

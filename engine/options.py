@@ -327,7 +327,8 @@ def check_paths(opt):
         check_teacher_file(opt.teacher_params, REPDISTILLER_TEACHER if hasattr(opt, 'teacher_arch') else
                            IMAGENET_TEACHER)
     if getattr(opt, 'student_params', '') and not opt.resume:  # a resumed student is its checkpoint's
-        check_student_file(opt.student_params)
+        check_student_file(opt.student_params, REPDISTILLER_STUDENT if hasattr(opt, 'teacher_arch') else
+                           IMAGENET_STUDENT)
     for flag in ('dataroot', 'imagenetpath'):
         if getattr(opt, flag, ''):
             check_folder(flag, getattr(opt, flag))
@@ -385,9 +386,12 @@ def check_teacher_file(path, what):
         raise UserError(f'teacher weights {path} do not exist; {what}')
 
 
-def check_student_file(path):
-    what = ('pass a RepDistiller or mdistiller checkpoint of --arch, or a model.pt7 of this suite (or its run '
-            'folder), as --student_params')
+REPDISTILLER_STUDENT = ('pass a RepDistiller or mdistiller checkpoint of --arch, or a model.pt7 of this suite (or '
+                        'its run folder), as --student_params')
+IMAGENET_STUDENT = 'pass a torchvision resnet18/34 state dict or a model.pt7 of imagenet.py as --student_params'
+
+
+def check_student_file(path, what):
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT)):
         raise UserError(f'student weights {path} is a directory without a {CHECKPOINT}; {what}')
     if not os.path.exists(path):

@@ -177,7 +177,7 @@ def probe(teacher, student, num_classes=100, image_size=32):
     f_t, p_t = zoo.network(teacher, num_classes)
     x = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():
-        s, t = Outputs(*f_s(x, p_s, False, preact=True)), Outputs(*f_t(x, p_t, False, preact=True))
+        s, t = Outputs(*f_s(x, p_s, False, stem=True)), Outputs(*f_t(x, p_t, False, stem=True))
     return Nets(s, t, f_t, {'teacher.' + k: v for k, v in p_t.items()})
 
 

@@ -14,7 +14,8 @@ import json
 
 import methods
 
-READS = {'pooled': 'the pooled feature', 'preact': 'the pre-ReLU groups', 'input_gradient': "the student's input "
+READS = {'pooled': 'the pooled feature', 'preact': 'the pre-ReLU groups', 'stem': "the stem's output",
+         'input_gradient': "the student's input "
          'gradient', 'teacher_input_gradient': "the teacher's input gradient"}
 STAGES = {'trains': '; trains in the init stage', 'parts': '; prepares its parts in the init stage'}
 

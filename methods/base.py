@@ -93,6 +93,7 @@ class Outputs(NamedTuple):
     groups: list
     pooled: torch.Tensor = None
     preact: list = None
+    stem: torch.Tensor = None
     input_gradient: torch.Tensor = None
 
 
@@ -137,7 +138,8 @@ class Method:
     flags = ()  # its weight first, then its settings
     teacher = True  # it compares the student with a teacher (its weights need one)
     # What it reads of the networks besides logits and groups: 'pooled' (the feature the classifier
-    # reads), 'preact' (the groups before their ReLUs, and the pooled feature), 'input_gradient'
+    # reads), 'preact' (the groups before their ReLUs, and the pooled feature), 'stem' (the output
+    # of the layers before the first group, and all of the above), 'input_gradient'
     # (the student's, differentiated twice), 'teacher_input_gradient'.
     reads = ()
     per_group = False  # one term per group pair

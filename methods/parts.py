@@ -111,8 +111,12 @@ def connectable(s, t, g, flag):
                         f'of half the size, to the teacher\'s: pick other networks or drop {flag}')
 
 
-def equal_widths(groups_s, groups_t, flag, name):
-    """FSP and KDSVD compare matrices whose sides are the groups' channels."""
+def equal_widths(groups_s, groups_t, flag, name, stem_s=None, stem_t=None):
+    """FSP and KDSVD compare matrices whose sides are the groups' (and FSP's the stem's) channels."""
+    if stem_s is not None and stem_s.shape[1] != stem_t.shape[1]:
+        raise UserError(f'--{flag}: {name} compares the stems\' channels too, and the stem has {stem_s.shape[1]} '
+                        f'in the student and {stem_t.shape[1]} in the teacher; pick networks of equal widths, '
+                        f'or drop --{flag}')
     for g, (s, t) in enumerate(zip(groups_s, groups_t)):
         if s.shape[1] != t.shape[1]:
             raise UserError(f'--{flag}: {name} compares the groups\' channels one to one, and group {g} '

@@ -51,9 +51,9 @@ def mobilenetv2(num_classes, width=0.5):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem), **groups,
         'conv1': conv_params(ni, last, 1), 'bn1': bnparams(last), 'fc': linear_params(last, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
         o = F.conv2d(x, params[base + 'conv0'], stride=2, padding=1)
-        o = F.relu(batch_norm(o, params, base + 'bn0', mode))
+        o = s0 = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs = {}
         for s, i, stride, residual in blocks:
             y = inverted_residual(o, params, f'{base}group{s}.block{i}.', mode, stride)
@@ -63,6 +63,8 @@ def mobilenetv2(num_classes, width=0.5):
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         groups = tuple(outputs[s] for s in GROUPS)
+        if stem:
+            return logits, groups, o, groups, s0
         if preact:
             return logits, groups, o, groups
         return (logits, groups, o) if pooled else (logits, groups)

@@ -46,9 +46,9 @@ def bottleneck_resnet(blocks, num_classes):
         'conv0': conv_params(3, 64, 3), 'bn0': bnparams(64),
         **groups, 'fc': linear_params(widths[-1] * EXPANSION, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
         o = F.conv2d(x, params[base + 'conv0'], padding=1)
-        o = F.relu(batch_norm(o, params, base + 'bn0', mode))
+        o = s0 = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs, preacts = [], []
         for g, n in enumerate(blocks):
             for i in range(n):
@@ -58,6 +58,8 @@ def bottleneck_resnet(blocks, num_classes):
             preacts.append(sum_)
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        if stem:
+            return logits, tuple(outputs), o, tuple(preacts), s0
         if preact:
             return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))

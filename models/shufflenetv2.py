@@ -43,8 +43,8 @@ def shufflenetv2(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'conv1': conv_params(ni, LAST, 1), 'bn1': bnparams(LAST), 'fc': linear_params(LAST, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False):
-        o = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+        o = s0 = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
         outputs, halves = [], []
         for g, n in enumerate(BLOCKS):
             o = down_unit(o, params, f'{base}group{g}.block0.', mode)
@@ -55,8 +55,11 @@ def shufflenetv2(num_classes):
         o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
+        preacts = tuple(torch.cat(h, 1) for h in halves) if preact or stem else None
+        if stem:
+            return logits, tuple(outputs), o, preacts, s0
         if preact:
-            return logits, tuple(outputs), o, tuple(torch.cat(h, 1) for h in halves)
+            return logits, tuple(outputs), o, preacts
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))
 
     f.bn_before_relu = None

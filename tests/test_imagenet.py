@@ -263,6 +263,41 @@ def test_a_cohort_of_students_shares_the_teacher(tmp_path):
     assert torch.equal(at['teacher.conv0.weight'], kd['teacher.conv0.weight'])
 
 
+def test_student_params_start_the_student_from_a_torchvision_state_dict_or_a_model_pt7(tmp_path):
+    """The file's tensors, batch norms and their statistics included, in the run's dtype; a cohort's
+    members each from a copy of them; files that do not fit are refused in one line."""
+    root = make_image_folder(tmp_path / 'images')
+    model = randomised(torchvision.models.resnet18(weights=None, num_classes=3))
+    model.fc.weight.data.mul_(0.3)  # far from any draw
+    torch.save(model.state_dict(), tmp_path / 'start.pth')
+    common = ['--imagenetpath', root, '--depth', 18, '--batch_size', 4, '--nthread', 0, '--epochs', 1,
+              '--dtype', 'double', '--lr', 1e-300, '--weight_decay', 0]
+    ok(run_in_process(imagenet.main, *common, '--student_params', 'start.pth', '--save', 'logs/tv', cwd=tmp_path))
+    trained = torch.load(tmp_path / 'logs/tv/model.pt7', map_location='cpu', weights_only=True)
+    params = {**trained['params'], **(trained.get('stats') or {})}
+    expected, names = from_torchvision(model.state_dict(), 'start.pth')
+    for k, v in expected.items():
+        if 'running' in k:  # training mode moved them; the file's values were the start
+            continue
+        assert params[k].dtype == torch.float64, k
+        torch.testing.assert_close(params[k], v.double(), rtol=0, atol=1e-290, msg=names[k])
+    ok(run_in_process(imagenet.main, *common, '--student_params', 'logs/tv/model.pt7', '--save', 'logs/pair',
+                      '--cohort', '[{"name": "a", "seed": 1}, {"name": "b", "seed": 2}]', cwd=tmp_path))
+    a, b = (torch.load(tmp_path / 'logs/pair' / n / 'model.pt7', map_location='cpu', weights_only=True)['params']
+            for n in 'ab')
+    assert torch.equal(a['conv0'], params['conv0']) and torch.equal(b['conv0'], params['conv0'])
+    for flags, message in [(['--width', 0.5], 'start.pth is not a ResNet-18 of --width 0.5 for 3 classes: bn1.bias has '
+                                               'shape (64,), expected (32,); check --depth'),
+                           (['--depth', 34], 'start.pth is not a ResNet-34 of --width 1 for 3 classes: it lacks'),
+                           (['--student_params', 'none.pth'], 'student weights none.pth do not exist; pass a '
+                                                              'torchvision resnet18/34 state dict')]:
+        result = run_in_process(imagenet.main, *common, '--student_params', 'start.pth', *flags, '--save', 'logs/no',
+                                cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+            result.stderr
+        assert not (tmp_path / 'logs/no').exists()
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     root = make_image_folder(tmp_path / 'images', n_train=1)
     for args, message in [([], '--imagenetpath is required'),

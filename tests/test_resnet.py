@@ -156,6 +156,30 @@ def test_imagenet_student_and_folded_teacher_hand_out_the_pooled_feature():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_imagenet_student_and_folded_teacher_hand_out_their_stem_for_fsp():
+    """The stem's output: after the first conv, BN and ReLU, before the max-pool; no pre-ReLU groups."""
+    torch.manual_seed(4)
+    student, params = define_student(18, 0.125, 10)
+    for k, v in params.items():
+        if k.endswith('running_var'):
+            v.uniform_(0.5, 2)
+    teacher, folded = teacher_forward(IMAGENET_BLOCKS[18]), fold_batch_norm(params)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stems = []
+        for f, p, args in ((student, params, (False,)), (teacher, folded, ())):
+            y, groups, feature = f(x, p, *args, pooled=True)
+            y_stem, groups_stem, feature_stem, preact, stem = f(x, p, *args, stem=True)
+            assert preact is None and stem.shape == (2, 8, 16, 16) and (stem >= 0).all() and (stem > 0).any()
+            assert torch.equal(y, y_stem) and torch.equal(feature, feature_stem)
+            assert all(torch.equal(a, b) for a, b in zip(groups, groups_stem))
+            stems.append(stem)
+        expected = F.relu(F.batch_norm(F.conv2d(x, params['conv0'], stride=2, padding=3), params['bn0.running_mean'],
+                                       params['bn0.running_var'], params['bn0.weight'], params['bn0.bias']))
+        torch.testing.assert_close(stems[0], expected)
+        torch.testing.assert_close(stems[1], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_preact_groups_are_the_bns_that_follow_each_group():
     """RepDistiller's WRN with preact=True: block2.layer[0].bn1(f1), block3.layer[0].bn1(f2),
     bn1(f3), here group1.block0.bn0(g0), group2.block0.bn0(g1) and bn(g2), the BNs that

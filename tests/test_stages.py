@@ -301,6 +301,9 @@ def test_init_epochs_draw_their_own_batches():
     (['--fsp_beta', 1, '--teacher_id', 'half', '--init_lr', 0], ['--init_lr 0', 'not positive']),
     (['--fsp_beta', 1, '--teacher_id', 'half', '--init_lr', -1], ['--init_lr -1', 'not positive']),
     (['--fsp_beta', 1, '--teacher_id', 'half', '--init_epochs', -1], ['--init_epochs -1', 'negative']),
+    # RepDistiller's FSP script passes -b 50, which its FSP never reads; weighing the init stage by it diverges
+    (['--fsp_beta', 50, '--teacher_id', 'half'], ['--fsp_beta 50 would weigh the init stage', 'use --fsp_beta 1']),
+    (['--fsp_beta', 50, '--teacher_id', 'half', '--init_epochs', 2], ['--fsp_beta 50 would weigh the init stage']),
     (['--teacher_id', 'wide', '--cohort', json.dumps([{'name': 'a', 'init_epochs': 3}])],
      ["member 'a'", '--init_epochs 3']),
 ])

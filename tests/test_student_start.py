@@ -140,6 +140,21 @@ def test_student_params_from_a_model_pt7_and_refusals(image_tree, tmp_path):
     assert '--student_params' in missing.stderr and not (tmp_path / 'logs' / 'fourth').exists()
 
 
+def test_each_member_of_a_cohort_trains_its_own_copy_of_student_params(image_tree, tmp_path):
+    """Two members from one file train as two single runs would: neither moves the other's weights."""
+    common = [*TINY, '--dataroot', image_tree, '--depth', 10, '--seed', 1]
+    ok(run_in_process(cifar.main, *common, '--save', 'logs/first', cwd=tmp_path))
+    start = [*common, '--student_params', 'logs/first/model.pt7']
+    ok(run_in_process(cifar.main, *start, '--save', 'logs/alone', cwd=tmp_path))
+    ok(run_in_process(cifar.main, *start, '--save', 'logs/pair', '--cohort',
+                      '[{"name": "a", "seed": 1}, {"name": "b", "seed": 1}]', cwd=tmp_path))
+    alone, first = trained_student(tmp_path / 'logs' / 'alone'), trained_student(tmp_path / 'logs' / 'first')
+    assert not torch.equal(alone['conv0'], first['conv0'])
+    for name in ('a', 'b'):
+        member = trained_student(tmp_path / 'logs' / 'pair' / name)
+        assert all(torch.equal(member[k], alone[k]) for k in alone), name
+
+
 def test_the_learned_parts_start_the_same_with_and_without_student_params(tmp_path):
     """--student_params replaces the student's draw but not what comes after it from the same
     generator, so the methods' parts and a cohort's seeds mean what they meant."""

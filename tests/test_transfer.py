@@ -247,7 +247,7 @@ def test_transfer_flags_without_teacher_are_one_line_errors(image_tree, workdir)
 
 # RepDistiller's weights (DKD and KDSVD: mdistiller's), as scripts/crd_table.sh gives them
 METHOD_FLAGS = ['--sp_beta', 3000, '--cc_beta', 0.02, '--rkd_beta', 1, '--pkt_beta', 3e4, '--nst_beta', 50,
-                '--kdsvd_beta', 1, '--fsp_beta', 50, '--vid_beta', 1, '--dkd_beta', 1]
+                '--kdsvd_beta', 1, '--fsp_beta', 1, '--vid_beta', 1, '--dkd_beta', 1]
 
 
 def double_pair(student_width=1, teacher_depth=16):
@@ -272,7 +272,8 @@ def as_double(params, requires_grad=None):
 def test_each_method_term_is_its_loss_of_the_networks_outputs():
     """Every new term, beside AT and standardised KD, is its method's loss of the outputs
     RepDistiller hands it: the last groups (SP), pooled features (CC through its embeddings,
-    RKD, PKT), each group pair (NST, VID through its regressor), all groups (KDSVD, FSP), logits."""
+    RKD, PKT), each group pair (NST, VID through its regressor), all groups (KDSVD; FSP with the
+    stem's output before them), logits."""
     from methods import at, cc, dkd, fsp, kd, kdsvd, nst, pkt, rkd, sp, vid
     opt = options('--teacher_id', 't', '--alpha', 0.9, '--beta', 1e3, '--temperature', 2, '--logit_stand',
                   '--rkd_w_d', 5, '--rkd_w_a', 7, '--kdsvd_k', 2, '--dkd_alpha', 0.5, '--dkd_nckd', 3,
@@ -283,8 +284,8 @@ def test_each_method_term_is_its_loss_of_the_networks_outputs():
     x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
     with torch.no_grad():
         _, terms = transfer(x, y, params, False)
-        z_s, g_s, e_s = f_s(x, params, False, 'student.', pooled=True)
-        z_t, g_t, e_t = teacher[0](x, params, 'teacher.', pooled=True)
+        z_s, g_s, e_s, _, stem_s = f_s(x, params, False, 'student.', stem=True)
+        z_t, g_t, e_t, _, stem_t = teacher[0](x, params, 'teacher.', stem=True)
 
     def embed(e, side):
         return F.linear(e, params[f'aux.cc.embed_{side}.weight'], params[f'aux.cc.embed_{side}.bias'])
@@ -301,7 +302,7 @@ def test_each_method_term_is_its_loss_of_the_networks_outputs():
         'sp': sp.sp_loss(g_s[-1], g_t[-1]), 'cc': cc.cc_loss(embed(e_s, 's'), embed(e_t, 't')),
         'rkd': rkd.rkd_loss(e_s, e_t, 5, 7), 'pkt': pkt.pkt_loss(e_s, e_t),
         **{f'nst{g}': nst.nst_loss(s, t) for g, (s, t) in enumerate(zip(g_s, g_t))},
-        'kdsvd': kdsvd.kdsvd_loss(g_s, g_t, 2), 'fsp': fsp.fsp_loss(g_s, g_t),
+        'kdsvd': kdsvd.kdsvd_loss(g_s, g_t, 2), 'fsp': fsp.fsp_loss([stem_s, *g_s], [stem_t, *g_t]),
         **{f'vid{g}': vid.vid_loss(regress(s, g), t, params[f'aux.vid{g}.log_scale'])
            for g, (s, t) in enumerate(zip(g_s, g_t))},
         'dkd': dkd.dkd_loss(z_s, z_t, y, 0.5, 3, 2, standardize=True)}
@@ -310,7 +311,7 @@ def test_each_method_term_is_its_loss_of_the_networks_outputs():
         assert value.abs() > 0, name
         torch.testing.assert_close(terms[name], value, rtol=1e-12, atol=0, msg=name)
     assert transfer.weights(1, []) == {'distillation': 1, 'at': 1e3, 'sp': 3000, 'cc': 0.02, 'rkd': 1,
-                                       'pkt': 3e4, 'nst': 50, 'kdsvd': 1, 'fsp': 50, 'vid': 1, 'dkd': 1 / 20}
+                                       'pkt': 3e4, 'nst': 50, 'kdsvd': 1, 'fsp': 1, 'vid': 1, 'dkd': 1 / 20}
     # training: the weighted sum reaches the student and every learned part, never the teacher
     _, terms = transfer(x, y, params, True)
     assert_sum_trains_student_not_teacher(transfer, terms, params)
@@ -433,7 +434,7 @@ def test_runs_share_a_compiled_forward_only_with_the_same_settings():
 def test_fsp_with_other_widths_is_a_one_line_error_that_writes_nothing(image_tree, workdir):
     before = sorted(os.listdir(workdir / 'logs'))
     expect_user_error(run_in_process(cifar.main, *TINY, '--width', 0.5, '--epochs', 1, '--dataroot', image_tree,
-                                     '--teacher_id', 'teacher', '--fsp_beta', 50, '--save', 'logs/fsp', cwd=workdir),
+                                     '--teacher_id', 'teacher', '--fsp_beta', 1, '--save', 'logs/fsp', cwd=workdir),
                       "--fsp_beta: FSP compares the groups' channels one to one, and group 0 has 8 in the student "
                       "and 16 in the teacher")
     assert sorted(os.listdir(workdir / 'logs')) == before

@@ -84,6 +84,13 @@ def test_loaded_checkpoint_computes_what_repdistiller_computes(arch, tmp_path):
     assert feature.shape == feats[-1].shape and feature.abs().max() > 1e-3
     torch.testing.assert_close(feature, feats[-1], rtol=1e-9, atol=1e-9 * feats[-1].abs().max().item())
     assert torch.equal(pooled_logits, logits) and all(torch.equal(a, b) for a, b in zip(pooled_groups, groups))
+    # the stem's output is RepDistiller's feats[0], the first map FSP compares
+    with torch.no_grad():
+        stem_logits, stem_groups, stem_feature, preact, stem = f(x, double(params), False, stem=True)
+    assert stem.shape == feats[0].shape and stem.abs().max() > 1e-3 and len(preact) == len(groups)
+    torch.testing.assert_close(stem, feats[0], rtol=1e-9, atol=1e-9 * feats[0].abs().max().item())
+    assert torch.equal(stem_logits, logits) and torch.equal(stem_feature, feature)
+    assert all(torch.equal(a, b) for a, b in zip(stem_groups, groups))
 
 
 @pytest.mark.parametrize('arch', zoo.ARCHS)
