@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 from engine.checkpoint import check_finite, network_params
 from engine.errors import UserError
-from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
+from utils import (
+    batch_norm,
+    bnparams,
+    conv_params,
+    flatten,
+    head_batch_norm,
+    linear_params,
+    set_requires_grad_except_bn_,
+)
 
 
 def wrn_block_count(depth):
@@ -81,7 +89,7 @@ def resnet(depth, width, num_classes):
         g0, _ = group(x, params, base + 'group0', mode, 1)
         g1, p0 = group(g0, params, base + 'group1', mode, 2)
         g2, p1 = group(g1, params, base + 'group2', mode, 2)
-        p2 = batch_norm(g2, params, base + 'bn', mode)
+        p2 = head_batch_norm(g2, params, base + 'bn', mode)
         o = F.avg_pool2d(F.relu(p2), 8, 1, 0).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         if stem:  # a pre-activation network's stem is its first convolution

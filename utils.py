@@ -60,11 +60,23 @@ def set_requires_grad_except_bn_(params):
 
 
 def batch_norm(x, params, base, mode):
+    """mode: True (training), False (inference) or 'groups' (training here; see head_batch_norm)."""
     weight, bias = params[base + '.weight'], params[base + '.bias']
     mean, var = params[base + '.running_mean'], params[base + '.running_var']
     if mode and distributed.active():
         return distributed.sync_batch_norm(x, weight, bias, mean, var)
-    return F.batch_norm(x, mean, var, weight, bias, training=mode)
+    return F.batch_norm(x, mean, var, weight, bias, training=bool(mode))
+
+
+def head_batch_norm(x, params, base, mode):
+    """A batch norm after a network's last group. Mode 'groups' trains the stem and the groups
+    only, as RepDistiller's init stage does (its student in eval mode but for get_feat_modules()):
+    this norm then runs on its running statistics, which stay, and its scale and shift take no
+    gradient, so the init stage leaves it as it was."""
+    if mode == 'groups':
+        return F.batch_norm(x, params[base + '.running_mean'], params[base + '.running_var'],
+                            params[base + '.weight'].detach(), params[base + '.bias'].detach(), training=False)
+    return batch_norm(x, params, base, mode)
 
 
 def cast(params, dtype='float', device=None):

@@ -4,6 +4,7 @@
     python3 benchmarks/parity.py --reference ~/RepDistiller --method vid --steps 8
     python3 benchmarks/parity.py --reference ~/RepDistiller --method all --record tests/fixtures/parity
     python3 benchmarks/parity.py --reference ~/mdistiller --method all      # its methods (DKD)
+    python3 benchmarks/parity.py --reference ~/logit-standardization-KD --method kd_ls  # KD+LS, its authors'
 
 Both sides start from the same weights and see the same batches, in fp64:
 
@@ -40,7 +41,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Where each reference keeps the student (mdistiller's networks are RepDistiller's, names included).
-STUDENT_PREFIX = {'RepDistiller': 'module_list.0.', 'mdistiller': 'distiller.student.'}
+STUDENT_PREFIX = {'RepDistiller': 'module_list.0.', 'mdistiller': 'distiller.student.',
+                  'logit-standardization-KD': 'distiller.student.'}
+# Forks of mdistiller, told apart by what their configuration adds; their side runs as mdistiller's.
+FORKS = {'logit-standardization-KD': 'LOGIT_STAND'}
 ROOT = os.path.dirname(HERE)
 SEED = 0
 STUDENT, TEACHER, CLASSES = 'resnet8', 'resnet20', 100
@@ -134,7 +138,10 @@ def our_flags(method, n_train):
     columns = methods.columns('crd', TEACHER, STUDENT, methods.probe(TEACHER, STUDENT, CLASSES))
     flags = []
     for k, v in methods.for_training_set(columns[method], n_train).items():
-        flags += [f'--{k}', json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
+        if isinstance(v, bool):  # a switch
+            flags += [f'--{k}'] if v else []
+        else:
+            flags += [f'--{k}', json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
     return flags
 
 
@@ -281,7 +288,7 @@ def reference_side(reference, workdir):
     spec = torch.load(os.path.join(workdir, 'spec.pt'), weights_only=False)
     torch.set_default_dtype(torch.float64)
     sys.path.insert(0, reference)
-    if spec['code'] == 'mdistiller':
+    if spec['code'] == 'mdistiller' or spec['code'] in FORKS:
         return mdistiller_side(spec, workdir)
     import types
     logger = types.ModuleType('tensorboard_logger')  # a logging dependency the training does not need
@@ -455,20 +462,26 @@ def compare(method, steps, reference, commit, record):
     print(f'\n{method}: {ref.code} {commit[:7]} {argv}, {steps} steps, fp64')
     print('| step | loss here | loss there | student weights | learned parts |')
     print('| --- | --- | --- | --- | --- |')
-    worst = 0.0
+    worst, where, trained = 0.0, None, 0.0
     for step, (ours_state, their_state) in enumerate(zip(states, theirs['states']), 1):
         # The reference's parts outside its stage (FT's translator during the init stage) are not in reach.
-        student = max(relative(v, their_state[k]) for k, v in ours_state.items() if k.startswith('student.'))
-        parts = [relative(v, their_state[k]) for k, v in ours_state.items()
-                 if k.startswith('aux.') and k in their_state]
-        worst = max(worst, student, *parts)
+        apart = {k: relative(v, their_state[k]) for k, v in ours_state.items()
+                 if k.startswith('student.') or k.startswith('aux.') and k in their_state}
+        student = max(d for k, d in apart.items() if k.startswith('student.'))
+        parts = [d for k, d in apart.items() if k.startswith('aux.')]
+        if max(apart.values()) > worst:
+            where = max(apart, key=apart.get)
+            worst = apart[where]
+        trained = max(trained, *(d for k, d in apart.items() if 'running' not in k))
         shown_parts = f'{max(parts):.1e}' if parts else '-'
         print(f'| {step} | {losses[step - 1]:.12g} | {theirs["losses"][step - 1]:.12g} | {student:.1e} | '
               f'{shown_parts} |')
     asked = steps * (2 if ref.init else 1)  # an init stage's steps, then the main stage's
     if len(theirs['states']) != asked or len(states) != asked:
         sys.exit(f'{method}: {len(states)} steps here, {len(theirs["states"])} there, {asked} asked')
-    print(f'largest relative difference: {worst:.1e}')
+    print(f'largest relative difference: {worst:.1e}' + (f' ({where})' if where else ''))
+    if trained != worst:
+        print(f'largest relative difference of the trained tensors (running statistics aside): {trained:.1e}')
     if record:
         os.makedirs(record, exist_ok=True)
         trajectory = {'method': method, 'reference': ref.code, 'commit': commit,
@@ -478,6 +491,16 @@ def compare(method, steps, reference, commit, record):
         with open(os.path.join(record, f'{method}.json'), 'w') as f:
             json.dump(trajectory, f, indent=0)
     return worst
+
+
+def checkout(reference):
+    """Which reference a checkout holds: RepDistiller, mdistiller or one of its FORKS."""
+    cfg = os.path.join(reference, 'mdistiller', 'engine', 'cfg.py')
+    if not os.path.isfile(cfg):
+        return 'RepDistiller'
+    with open(cfg) as f:
+        text = f.read()
+    return next((fork for fork, mark in FORKS.items() if mark in text), 'mdistiller')
 
 
 def main(argv=None):
@@ -500,7 +523,7 @@ def main(argv=None):
             sys.exit(f'--record keeps the trajectories of the pair the tests run ({TEACHER}:{STUDENT}); drop --pair')
         TEACHER, STUDENT = args.pair.split(':')
     sys.path.insert(0, ROOT)
-    code = 'mdistiller' if os.path.isdir(os.path.join(args.reference, 'mdistiller')) else 'RepDistiller'
+    code = checkout(args.reference)
     known = tuple(c for c, ref in references().items() if ref.code == code)
     if args.method != 'all' and args.method not in known:
         sys.exit(f'--method {args.method} has no reference in {code}; use one of {", ".join(known)} or all')

@@ -125,7 +125,8 @@ class Objective:
         """An init-stage step (RepDistiller's helper/pretrain.py): the init terms of the methods
         that have one; the student runs in training mode where one of them trains it."""
         t = teacher if teacher is not None else self.teacher_outputs(x, y, params)
-        s = self.student(x, params, True) if self.student_runs('init') else None
+        # As RepDistiller's init stage: the stem and the groups train, the layers after them do not.
+        s = self.student(x, params, 'groups') if self.student_runs('init') else None
         b = Batch(self, x, y, params, True, s, t, index=None)
         terms = {}
         for m in self.methods:

@@ -22,7 +22,15 @@ mdistiller's `blocks[s][-1].conv[-1]`).
 """
 import torch.nn.functional as F
 
-from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
+from utils import (
+    batch_norm,
+    bnparams,
+    conv_params,
+    flatten,
+    head_batch_norm,
+    linear_params,
+    set_requires_grad_except_bn_,
+)
 
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),  # t, c, n, s
           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -59,7 +67,7 @@ def mobilenetv2(num_classes, width=0.5):
             y = inverted_residual(o, params, f'{base}group{s}.block{i}.', mode, stride)
             o = o + y if residual else y
             outputs[s] = o
-        o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
+        o = F.relu(head_batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         groups = tuple(outputs[s] for s in GROUPS)

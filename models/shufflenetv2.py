@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from models.shufflenetv1 import channel_shuffle
-from utils import batch_norm, bnparams, conv_params, flatten, linear_params, set_requires_grad_except_bn_
+from utils import (
+    batch_norm,
+    bnparams,
+    conv_params,
+    flatten,
+    head_batch_norm,
+    linear_params,
+    set_requires_grad_except_bn_,
+)
 
 WIDTHS, BLOCKS, LAST = (116, 232, 464), (3, 7, 3), 1024
 
@@ -52,7 +60,7 @@ def shufflenetv2(num_classes):
                 o, last = basic_unit(o, params, f'{base}group{g}.block{i}.', mode)
             outputs.append(o)
             halves.append(last)
-        o = F.relu(batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
+        o = F.relu(head_batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
         o = F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         preacts = tuple(torch.cat(h, 1) for h in halves) if preact or stem else None

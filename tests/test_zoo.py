@@ -285,3 +285,26 @@ def test_refuses_a_checkpoint_holding_nan_or_inf(tmp_path):
                                         r'retrain the teacher') as e:
         zoo.load_repdistiller(path, 'resnet8', 100)
     assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('arch, head', [('wrn_16_1', ['bn']), ('MobileNetV2', ['bn1']), ('ShuffleV2', ['bn1']),
+                                        ('resnet8', [])])
+def test_mode_groups_trains_the_stem_and_groups_only_as_repdistillers_init_stage(arch, head):
+    """RepDistiller's init stage: the student in eval mode but for get_feat_modules() (stem and
+    groups). The batch norms after the last group keep their statistics and take no gradient; the
+    rest is training mode, bit for bit."""
+    torch.manual_seed(3)
+    f, params = zoo.network(arch, 10)
+    x = torch.randn(4, 3, 32, 32)
+    trained = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    stems = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    _, groups, _, preact, stem = f(x, trained, True, stem=True)
+    _, groups_g, _, preact_g, stem_g = f(x, stems, 'groups', stem=True)
+    assert torch.equal(stem, stem_g) and all(torch.equal(a, b) for a, b in zip(groups, groups_g))
+    moved = {k.rsplit('.', 2)[0] for k in params if k.endswith('running_mean') and not torch.equal(stems[k], params[k])}
+    assert moved == {k.rsplit('.', 2)[0] for k in params if k.endswith('running_mean')} - set(head)
+    sum(g.sum() for g in (*groups_g, *preact_g)).backward()
+    for h in head:
+        assert stems[h + '.weight'].grad is None and stems[h + '.bias'].grad is None
+        assert not torch.equal(trained[h + '.running_mean'], params[h + '.running_mean'])  # training mode moves it
+    assert all(stems[k].grad is not None for k in params if k.startswith('group') and stems[k].requires_grad)
