@@ -6,14 +6,17 @@ Without a teacher a run's classification term is the cross-entropy; with one it 
     distillation = alpha * T^2 * KL(softmax(y_t / T) || softmax(y_s / T)) + (1 - alpha) * CE(y_s, labels)
 
 (`--alpha 0`: plain cross-entropy). `--kd_beta B` adds B * KD (alpha 1) as a term of its own
-beside a full cross-entropy: CRD+KD weighs it so (RepDistiller's -a 1). `--logit_stand` z-scores
-both networks' logits per sample before the temperature, in KD and in DKD.
+beside the cross-entropy, weighed by `--ce_weight` (1): CRD+KD weighs them so (RepDistiller's -r 1
+-a 1). `--logit_stand` z-scores both networks' logits per sample before the temperature, in KD and
+in DKD; its authors train KD with it as 0.1 * CE + 9 * KD at T 2 (`--ce_weight 0.1 --kd_beta 9
+--temperature 2 --logit_stand`, their configuration's CE_WEIGHT and KD_WEIGHT and their script's
+--kd-weight 9 --base-temp 2).
 """
 import torch.nn.functional as F
 
 from engine.errors import UserError
 from engine.rules import NUMBER, SWITCH_RULE, Rule
-from methods.base import KEPT, Method, Reference, positive, setting, weight
+from methods.base import KEPT, Method, Reference, not_negative, positive, setting, weight
 from methods.formulas import at_least_fp32
 
 
@@ -38,9 +41,18 @@ def standardize_logits(z, eps=1e-7):
     return (z - z.mean(1, keepdim=True)) / (eps + z.std(1, keepdim=True))
 
 
+# KD with logit standardisation as its authors train it on CIFAR-100 (their mdistiller fork's
+# configuration: CE_WEIGHT 0.1, KD_WEIGHT 9, T 2, for every pair).
+KD_LS = {'kd_beta': 9, 'ce_weight': 0.1, 'temperature': 2, 'logit_stand': True}
+
+
 class KD(Method):
     name, title, order = 'kd', 'KD', 10
-    references = {'kd': Reference('RepDistiller', ('--distill', 'kd', '-r', 0.1, '-a', 0.9, '-b', 0))}
+    references = {'kd': Reference('RepDistiller', ('--distill', 'kd', '-r', 0.1, '-a', 0.9, '-b', 0)),
+                  # its authors' mdistiller fork, as their train.py sets it with --logit-stand
+                  'kd_ls': Reference('logit-standardization-KD', (
+                      'DISTILLER.TYPE', 'KD', 'EXPERIMENT.LOGIT_STAND', '{logit_stand}', 'KD.TEMPERATURE',
+                      '{temperature}', 'KD.LOSS.CE_WEIGHT', '{ce_weight}', 'KD.LOSS.KD_WEIGHT', '{kd_beta}'))}
     # The flags as the reference code has them: its temperature and alpha first.
     flags = (
         setting('temperature', 4, None, positive('a KD temperature T', 4), type=float, neutral=KEPT, shown=False,
@@ -53,6 +65,10 @@ class KD(Method):
                 SWITCH_RULE, type=bool),
         weight('kd_beta', 'B * KD (T^2 KL at --temperature) as a term of its own, beside the cross-entropy '
                           '(needs --alpha 0); CRD+KD as RepDistiller weighs it: --kd_beta 1 --crd_beta 0.8'),
+        setting('ce_weight', 1.0, "weight of the cross-entropy where --alpha is 0 (mdistiller's CE_WEIGHT, "
+                                  "RepDistiller's -r); KD with standardised logits as its authors train it: "
+                                  '--ce_weight 0.1 --kd_beta 9 --temperature 2 --logit_stand',
+                not_negative('a weight >= 0, e.g. 0.1'), forward=None),
     )
     weight = 'alpha'
     examples = {'KD': {'alpha': 0.9}, 'KD, standardised logits': {'alpha': 0.9, 'logit_stand': True}}
@@ -61,6 +77,10 @@ class KD(Method):
         return True  # every run has a classification term
 
     def refuse(self, o, context):
+        if o.ce_weight != 1 and o.alpha:
+            raise UserError(f'--ce_weight {o.ce_weight:g} weighs the cross-entropy where --alpha is 0; --alpha '
+                            f'{o.alpha:g} already weighs it by 1 - alpha; use --alpha 0 with --kd_beta B and '
+                            f'--ce_weight G for G * CE + B * KD')
         if o.kd_beta and o.alpha:
             raise UserError(f'--kd_beta {o.kd_beta:g} adds KD as a term of its own, and --alpha {o.alpha:g} puts '
                                 f'KD in the distillation term too, which counts it twice; use --alpha 0 with '
@@ -84,10 +104,12 @@ class KD(Method):
         return terms
 
     def weights(self, o, epoch, epoch_step, stage):
-        return {'cross_entropy': 1.0, 'distillation': 1.0, 'kd': o.kd_beta}
+        # With --alpha 0 (which a --ce_weight other than 1 needs) the distillation term is the cross-entropy.
+        return {'cross_entropy': o.ce_weight, 'distillation': o.ce_weight, 'kd': o.kd_beta}
 
     def columns(self, table, teacher, student):
-        return {'kd': {'alpha': 0.9, 'temperature': 4}}  # the paper's, and RepDistiller's
+        return {'kd': {'alpha': 0.9, 'temperature': 4},  # the paper's, and RepDistiller's
+                **({'kd_ls': KD_LS} if table == 'crd' else {})}
 
 
 METHOD = KD()

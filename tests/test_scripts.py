@@ -82,7 +82,8 @@ CRD_COLUMNS = {'student': {}, 'kd': {'alpha': 0.9}, 'at': {'beta': 1e3}, 'at_kd'
                'nst': {'nst_beta': 50}, 'vid': {'vid_beta': 1}, 'dkd': {'dkd_beta': 1},
                'fsp': {'fsp_beta': 1}, 'kdsvd': {'kdsvd_beta': 1}, 'fitnet': {'fitnet_beta': 100},
                'ab': {'ab_beta': 1}, 'ft': {'ft_beta': 200}, 'crd': {'crd_beta': 0.8},
-               'crd_kd': {'crd_beta': 0.8, 'kd_beta': 1}, 'ofd': {'ofd_beta': 1e-3}, 'reviewkd': {'reviewkd_beta': 1}}
+               'crd_kd': {'crd_beta': 0.8, 'kd_beta': 1}, 'ofd': {'ofd_beta': 1e-3}, 'reviewkd': {'reviewkd_beta': 1},
+               'kd_ls': {'kd_beta': 9}}  # with --ce_weight 0.1, T 2: its authors' recipe
 CRD_WEIGHTS = ('alpha', 'beta', 'sp_beta', 'cc_beta', 'rkd_beta', 'pkt_beta', 'nst_beta', 'vid_beta', 'dkd_beta',
                'fsp_beta', 'kdsvd_beta', 'fitnet_beta', 'ab_beta', 'ft_beta', 'crd_beta', 'kd_beta', 'ofd_beta',
                'reviewkd_beta')
@@ -111,11 +112,11 @@ def equal_widths():
     return {'fsp': widths, 'kdsvd': widths, 'ofd': sizes}
 
 
-def check_crd_protocol(r, arch):
+def check_crd_protocol(r, arch, temperature=4):
     """RepDistiller's training settings, on every run of the benchmark."""
     assert (r.dataset, r.epochs, r.batch_size, r.epoch_step, r.lr_decay_ratio, r.weight_decay) == \
         ('CIFAR100', 240, 64, '[150,180,210]', 0.1, 5e-4)
-    assert (r.randomcrop_pad, r.crop_padding, r.normalization, r.temperature) == (4, 'zero', 'cifar100', 4)
+    assert (r.randomcrop_pad, r.crop_padding, r.normalization, r.temperature) == (4, 'zero', 'cifar100', temperature)
     assert r.arch == arch and r.lr == (0.01 if arch in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2') else 0.05)
 
 
@@ -143,14 +144,14 @@ def crd_rows(runs, seeds, equal_widths):
             if column == 'reviewkd' and (teacher, r.arch) == ('resnet32x4', 'resnet8x4'):
                 expected['reviewkd_beta'] = 5  # mdistiller's one CIFAR-100 file
             assert {k: getattr(m, k) for k in CRD_WEIGHTS if getattr(m, k)} == expected, m.save
-            check_crd_protocol(m, r.arch)
+            check_crd_protocol(m, r.arch, 2 if column == 'kd_ls' else 4)
             assert m.dkd_nckd == (DKD_NCKD.get((teacher, r.arch), 8) if column == 'dkd' else 8), m.save
             assert m.init_epochs == (30 if column in INIT_COLUMNS else 0), m.save
             assert m.fitnet_regressor == ('convreg' if column == 'fitnet' else 'conv'), m.save
             ft_lr = 0.01 if r.arch.startswith(('resnet', 'wrn')) else r.lr
             assert m.init_lr == (ft_lr if column == 'ft' else r.lr if column in INIT_COLUMNS else None), m.save
-            assert (m.dkd_alpha, m.dkd_warmup, m.rkd_w_d, m.rkd_w_a, m.kdsvd_k, m.cc_dim, m.logit_stand) == \
-                (1, 20, 25, 50, 1, 128, False)
+            same = (m.dkd_alpha, m.dkd_warmup, m.rkd_w_d, m.rkd_w_a, m.kdsvd_k, m.cc_dim, m.logit_stand, m.ce_weight)
+            assert same == (1, 20, 25, 50, 1, 128, column == 'kd_ls', 0.1 if column == 'kd_ls' else 1), m.save
     assert set(rows) == CRD_PAIRS and len(runs) == len(CRD_PAIRS)
     return rows
 

@@ -463,3 +463,33 @@ def test_fitnet_convreg_is_repdistillers_hint_regressor(teacher_width):
     reference = torch.nn.functional.mse_loss(torch.relu(bn(conv(g_s))), g_t)
     assert torch.allclose(terms['fitnet'], reference, rtol=1e-12, atol=0)
     assert params['aux.fitnet.conv.weight'].requires_grad and not params['aux.fitnet.bn.running_mean'].requires_grad
+
+
+def test_kd_with_standardised_logits_as_its_authors_weigh_it():
+    """Their configuration: 0.1 * CE + 9 * KD(standardised logits, T 2), the KD's KL summed over
+    classes and averaged over the batch times T^2 (their kd_loss), the CE on the raw logits."""
+    from methods import kd
+    opt = options('--teacher_id', 't', '--kd_beta', 9, '--ce_weight', 0.1, '--temperature', 2, '--logit_stand')
+    f_s, p_s, teacher = double_pair()
+    transfer, params = join_networks(opt, f_s, p_s, teacher)
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    params = as_double(params)
+    with torch.no_grad():
+        _, terms = transfer(x, y, params, True)
+        z_s, _ = f_s(x, params, True, 'student.')
+        z_t, _ = teacher[0](x, params, 'teacher.')
+    weights = transfer.weights(1, [])
+    assert {k: v for k, v in weights.items() if v} == {'distillation': 0.1, 'kd': 9}
+    from engine.objective import kind
+    total = sum(weights[kind(name)] * value for name, value in terms.items())  # AT's terms are logged at weight 0
+
+    def standardized(z):
+        return (z - z.mean(1, keepdim=True)) / (1e-7 + z.std(1, keepdim=True))
+    kl = F.kl_div(F.log_softmax(standardized(z_s) / 2, 1), F.softmax(standardized(z_t) / 2, 1), reduction='none')
+    expected = 0.1 * F.cross_entropy(z_s, y) + 9 * kl.sum(1).mean() * 4
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+    assert kd.KD_LS == {'kd_beta': 9, 'ce_weight': 0.1, 'temperature': 2, 'logit_stand': True}
+    with pytest.raises(UserError, match=r'--ce_weight 0.1 weighs the cross-entropy where --alpha is 0; --alpha 0.9'):
+        options('--teacher_id', 't', '--alpha', 0.9, '--ce_weight', 0.1)
+    with pytest.raises(UserError, match='--ce_weight -1.0 is negative'):
+        options('--ce_weight', -1)
