@@ -140,8 +140,8 @@ def load_teacher(opt, num_classes):
 
 def teacher_function(f):
     """The network f(x, params, mode, base, **asked) as a teacher: always in inference mode."""
-    def f_t(x, params, prefix, **asked):
-        return f(x, params, False, prefix, **asked)
+    def f_t(x, params, prefix, training=False, **asked):  # training: a method's reference runs it so
+        return f(x, params, training, prefix, **asked)
     f_t.bn_before_relu = f.bn_before_relu  # OFD's margins are read off the teacher's BNs
     return f_t
 

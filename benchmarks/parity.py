@@ -133,7 +133,8 @@ def redraw_parts_(params):
 # This suite's side
 
 def our_flags(method, n_train):
-    """The column's flags as crd_table.sh passes them, fitted to the harness's n_train images."""
+    """The column's flags as crd_table.sh passes them, fitted to the harness's n_train images, and
+    those that reproduce the reference where this suite's default differs (Reference.ours)."""
     import methods
     columns = methods.columns('crd', TEACHER, STUDENT, methods.probe(TEACHER, STUDENT, CLASSES))
     flags = []
@@ -142,7 +143,7 @@ def our_flags(method, n_train):
             flags += [f'--{k}'] if v else []
         else:
             flags += [f'--{k}', json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
-    return flags
+    return flags + [str(a) for a in references()[method].ours]  # where the default differs on purpose
 
 
 def ours(method, steps, workdir):
@@ -228,9 +229,18 @@ class Float64(torch.Tensor):
 
 
 def tensors_of(**modules):
-    """{name: tensor} of every parameter and buffer of `modules`, named within one namespace."""
+    """{name: tensor} of every parameter and buffer of `modules`, named within one namespace, and of
+    the lists of tensors a module keeps as a plain attribute ('<module>.<attribute>.<i>': mdistiller's
+    OFD margins), each made fp64 in place: the reference rounds them to fp32 where it builds them,
+    and is handed this suite's fp64 values instead."""
     tree = torch.nn.ModuleDict(modules)
-    return {**dict(tree.named_parameters()), **dict(tree.named_buffers())}
+    listed = {}
+    for prefix, module in tree.named_modules():
+        for attribute, value in vars(module).items():
+            if isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
+                value[:] = [v.double() for v in value]
+                listed.update({f'{prefix}.{attribute}.{i}': v for i, v in enumerate(value)})
+    return {**dict(tree.named_parameters()), **dict(tree.named_buffers()), **listed}
 
 
 def tensor(tensors, name):
@@ -253,7 +263,7 @@ def load_parts(parts, tensors, names, loaded):
         for ours_name, value in parts.items():
             t, key = tensor(tensors, names.get(ours_name))
             if t is not None and key not in loaded:
-                t.copy_(value)
+                t.copy_(value.reshape(t.shape))  # a tensor of the same values in another shape (OFD's margins)
                 loaded.add(key)
 
 
@@ -432,7 +442,7 @@ def run_reference(reference, method, workdir, initial, batches, paths, names, in
 
 def relative(a, b):
     scale = float(b.double().norm())
-    diff = float((a.double() - b.double()).norm())
+    diff = float((a.double().flatten() - b.double().flatten()).norm())
     return diff / scale if scale else diff
 
 

@@ -181,6 +181,12 @@ def member_runs(opt, rules, teacher_flag):
         except UserError as e:
             raise UserError(f'--cohort member {name!r}: {e}') from None
         runs.append(resolve_init_stage(run))
+    # Members share one teacher: one in training mode would move the statistics of everyone's.
+    training = [os.path.basename(run.save) for run in runs if methods.teacher_trains(run)]
+    if training and len(training) < len(runs):
+        raise UserError(f'--cohort member {training[0]!r} runs the teacher in training mode, as its method\'s '
+                        f'reference does, which moves the running statistics of the teacher every member shares; '
+                        f'ask it of every member or of none, or train that member in a run of its own')
     return runs
 
 

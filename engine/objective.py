@@ -45,6 +45,7 @@ class Objective:
         self.pooled = self.has_teacher and 'pooled' in reads
         self.preact = self.has_teacher and 'preact' in reads
         self.stem = self.has_teacher and 'stem' in reads
+        self.teacher_training = self.has_teacher and methods.teacher_trains(opt)
         self.teacher_gradient = 'teacher_input_gradient' in reads
         self.double_backward = 'input_gradient' in reads
         self.compiles = not self.double_backward and all(m.compiles for m in self.methods)
@@ -75,24 +76,27 @@ class Objective:
         return Outputs(*data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix, **asked), x,
                                       self.network(params, self.prefix), mode, range(self.opt.ngpu), self.replicas))
 
-    def teacher(self, x, params, pooled, preact, stem):
-        asked = self.asked(pooled, preact, stem)
+    def teacher(self, x, params, pooled, preact, stem, training=False):
+        asked = {**self.asked(pooled, preact, stem), **({'training': True} if training else {})}
         return Outputs(*data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.', **asked), x,
                                       self.network(params, 'teacher.'), False, range(self.opt.ngpu), self.replicas))
 
-    def teacher_outputs(self, x, y, params, input_gradient_too=False, pooled=None, preact=None, stem=None):
+    def teacher_outputs(self, x, y, params, input_gradient_too=False, pooled=None, preact=None, stem=None,
+                        training=None):
         """The teacher's Outputs: computed once per batch and shared by every student that learns
         from it (a cohort), so `pooled`, `preact` and `stem` (default: whether this run needs them)
-        are asked for if any of them does."""
+        are asked for if any of them does. `training` (default: whether this run's method asks for
+        it, in a training step) runs it on the batch's statistics, moving its running ones."""
         pooled = self.pooled if pooled is None else pooled
         preact = self.preact if preact is None else preact
         stem = self.stem if stem is None else stem
+        training = self.teacher_training if training is None else training
         if not input_gradient_too:
             with torch.no_grad():
-                return self.teacher(x, params, pooled, preact, stem)
+                return self.teacher(x, params, pooled, preact, stem, training)
         x_t = x.detach().requires_grad_()
         with torch.enable_grad():
-            t = self.teacher(x_t, params, pooled, preact, stem)
+            t = self.teacher(x_t, params, pooled, preact, stem, training)
             j_t = input_gradient(t.logits, y, x_t)
         return Outputs(t.logits.detach(), [g.detach() for g in t.groups],
                        None if t.pooled is None else t.pooled.detach(),
@@ -113,7 +117,8 @@ class Objective:
         s = self.student(x, params, mode)
         t = None
         if self.has_teacher:
-            t = teacher if teacher is not None else self.teacher_outputs(x, y, params, mode and self.teacher_gradient)
+            t = teacher if teacher is not None else self.teacher_outputs(
+                x, y, params, mode and self.teacher_gradient, training=bool(mode) and self.teacher_training)
         b = Batch(self, x, y, params, mode, s, t, index)
         terms = {}
         for m in self.methods:

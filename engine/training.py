@@ -56,6 +56,7 @@ def make_steps(members, speed):
     teacher_pooled = any(m.objective.pooled for m in members)  # one teacher forward serves them all
     teacher_preact = any(m.objective.preact for m in members)
     teacher_stem = any(m.objective.stem for m in members)
+    teacher_training = members[0].objective.teacher_training  # the same for all (cohort.member_runs)
 
     def autocast(mode):
         # Evaluation stays in fp32: the reported test accuracy should not depend on the hardware.
@@ -64,7 +65,7 @@ def make_steps(members, speed):
     def teacher_forward(params, x, y, mode):
         with autocast(mode):
             return first.teacher_outputs(x, y, params, mode and teacher_gradient, teacher_pooled, teacher_preact,
-                                       teacher_stem)
+                                       teacher_stem, bool(mode) and teacher_training)
 
     def compiled(f, can):
         return torch.compile(f, dynamic=False, mode=speed.compile_mode) if speed.compile and can else f

@@ -51,6 +51,11 @@ WEIGHT_ORDER = ('cross_entropy', 'distillation', 'at', 'grad_at', 'symmetry', 'f
                 'reconstruction')
 
 
+def teacher_trains(o):
+    """Whether a run with options `o` runs its teacher in training mode (Method.teacher_trains)."""
+    return any(m.teacher_trains(o) for m in all_methods())
+
+
 def in_order(names, order, later=()):
     """`names` in the order of `order`, then those it lacks in the order of `later`."""
     later = list(later)

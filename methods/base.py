@@ -116,12 +116,14 @@ class Reference(NamedTuple):
     replacement: a template or a function of the match) pairs. RepDistiller's names live in the
     namespace {'module_list': ..., 'criterion_list': ...} of its train_student.py's main stage
     (`parts`) and {'module_list': [student], 'init_modules': ..., 'criterion': ...} of its init
-    stage (`init_parts`); `init`: the column trains an init stage first."""
+    stage (`init_parts`); `init`: the column trains an init stage first; `ours`: flags of this suite
+    that reproduce the reference where its default differs on purpose."""
     code: str
     argv: tuple
     parts: tuple = ()
     init: bool = False
     init_parts: tuple = ()
+    ours: tuple = ()  # flags this suite adds to the column's to train as the reference does
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +167,11 @@ class Method:
     def refuse(self, o, context):
         """Raises a UserError for options of this method that cannot train together; `context` says
         whether the run has a teacher and runs under torchrun (options.check_transfer_options)."""
+
+    def teacher_trains(self, o):
+        """Whether a run with options `o` runs its teacher in training mode (batch statistics, its
+        running statistics moving), as a reference does; the teacher is never trained by gradient."""
+        return False
 
     # -- learned parts ---------------------------------------------------------------------------
 

@@ -9,13 +9,20 @@ ReLU ('aux.ofd<g>.margin', a fixed buffer):
 mdistiller's CIFAR-100 weight: 1e-3, beside a cross-entropy of weight 1 (--alpha 0). The pair's
 groups need the same spatial sizes, and the teacher batch norms before its ReLUs (ShuffleNets
 and BN-folded teachers have none to read).
+
+The teacher runs in inference mode here, as for every method. mdistiller's OFD puts the whole
+distiller, teacher included, in training mode (its comment says the teacher stays in eval mode,
+its code does not): the teacher's pre-ReLU groups are normalised by the batch's statistics and
+its running statistics move at every step. `--ofd_teacher train` does the same, in a single run
+or in a cohort whose members all ask for it (they share one teacher).
 """
 import math
 
 import torch
 
 from engine.errors import UserError
-from methods.base import Method, weight
+from engine.rules import choice
+from methods.base import Method, Reference, setting, weight
 from methods.formulas import at_least_fp32
 from methods.parts import connector, connector_params, same_size
 
@@ -43,13 +50,28 @@ def ofd_loss(source, target, margin):
     return cost.sum() / len(s)
 
 
+TEACHER_MODES = ('eval', 'train')
+
+
 class OFD(Method):
     name, title, order = 'ofd', 'OFD', 160
+    references = {'ofd': Reference(
+        'mdistiller', ('DISTILLER.TYPE', 'OFD', 'OFD.LOSS.CE_WEIGHT', 1.0, 'OFD.LOSS.FEAT_WEIGHT', '{ofd_beta}'),
+        parts=((r'aux\.ofd(\d)\.conv', r'distiller.connectors.connectors.\1.0.weight'),
+               (r'aux\.ofd(\d)\.bn\.(.*)', r'distiller.connectors.connectors.\1.1.\2'),
+               (r'aux\.ofd(\d)\.margin', r'distiller.margins.\1')),
+        ours=('--ofd_teacher', 'train'))}
     flags = (weight('ofd_beta', 'overhaul of feature distillation: B * OFD between connected pre-ReLU groups '
-                                "(mdistiller's weight: 1e-3, beside a cross-entropy of weight 1: --alpha 0)"),)
+                                "(mdistiller's weight: 1e-3, beside a cross-entropy of weight 1: --alpha 0)"),
+             setting('ofd_teacher', 'eval', "the teacher's mode: eval (inference, as for every method) or train "
+                                            "(as mdistiller's OFD: batch statistics, its running statistics moving)",
+                     choice(TEACHER_MODES), choices=TEACHER_MODES, forward=None, teacher_only=True))
     reads = ('preact',)
     buffers = ('margin',)
     examples = {'OFD': {'ofd_beta': 1e-3}}
+
+    def teacher_trains(self, o):
+        return bool(o.ofd_beta) and o.ofd_teacher == 'train'
 
     def refuse_pair(self, o, nets):
         names = getattr(nets.f_t, 'bn_before_relu', None)

@@ -336,3 +336,25 @@ def test_reviewkd_and_ofd_train_through_the_cli(image_tree, workdir):  # noqa: F
     for g, n in enumerate(('group1.block0.bn0', 'group2.block0.bn0', 'bn')):
         torch.testing.assert_close(params[f'aux.ofd{g}.margin'],
                                    ofd_margin(params[f'teacher.{n}.weight'], params[f'teacher.{n}.bias']))
+
+
+def test_ofd_teacher_train_runs_the_teacher_on_batch_statistics_as_mdistiller(image_tree, workdir):  # noqa: F811
+    """--ofd_teacher train: the teacher's running statistics move (mdistiller's OFD puts its whole
+    distiller in training mode), its weights do not; eval (the default) leaves the teacher as it
+    was. A cohort whose members disagree is refused: they share one teacher."""
+    teacher = checkpoint(workdir / 'logs/teacher')['params']
+    common = [*TINY, '--width', 0.5, '--epochs', 1, '--seed', 6, '--dataroot', image_tree, '--teacher_id', 'teacher',
+              '--ofd_beta', 1e-3]
+    for mode in ('eval', 'train'):
+        ok(run_cli('cifar.py', *common, '--ofd_teacher', mode, '--save', f'logs/ofd_{mode}', cwd=workdir))
+        params = checkpoint(workdir / f'logs/ofd_{mode}')['params']
+        moved = {k for k, v in teacher.items() if not torch.equal(params['teacher.' + k], v)}
+        stats = {k for k in teacher if 'running' in k}
+        assert moved == (stats if mode == 'train' else set()), mode
+    eval_run, train_run = (log_lines(workdir / f'logs/ofd_{mode}')[0] for mode in ('eval', 'train'))
+    assert eval_run['ofd_loss'] != train_run['ofd_loss'] and train_run['ofd_teacher'] == 'train'
+    members = '[{"name": "a", "seed": 1, "ofd_teacher": "train"}, {"name": "b", "seed": 2}]'
+    refused = run_cli('cifar.py', *common, '--cohort', members, '--save', 'logs/ofd_mixed', cwd=workdir)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "member 'a' runs the teacher in training mode" in refused.stderr
+    assert not (workdir / 'logs/ofd_mixed').exists()
