@@ -206,6 +206,7 @@ IMAGENET_RULES = {
     'width': Rule(NUMBER, lambda v: v > 0 and int(64 * v) >= 1, 'gives no channels',
                   'use a positive width such as 1'),
     'teacher_params': ANY_TEXT,
+    'student_params': ANY_TEXT,  # read and checked against --depth and --width before the data
     **RULES,
     # The ImageNet ResNets hand out no pre-ReLU groups (the teacher's batch norms are folded away).
     **{m.weight: Rule(NUMBER, lambda v: v == 0,

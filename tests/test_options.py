@@ -219,6 +219,8 @@ CIFAR_CASES = [
 ]
 
 IMAGENET_CASES = [
+    ('student_params', ['--student_params', 'missing.pth'], ['student weights missing.pth do not exist',
+                                                             'torchvision resnet18/34 state dict']),
     ('depth', ['--depth', 50], ['--depth 50 is not an ImageNet ResNet here; use 18 or 34']),
     ('depth', ['--depth', 16], ['--depth 16 is not an ImageNet ResNet']),
     ('width', ['--width', 0], ['--width 0.0 gives no channels']),
@@ -331,6 +333,8 @@ DIRECT_CASES = [
     (RULES, 'reviewkd_warmup', -1, '--reviewkd_warmup -1 is negative'),
     (RULES, 'reviewkd_warmup', 2.5, '--reviewkd_warmup 2.5 is not a whole number'),
     (RULES, 'reviewkd_mid_channels', 0, '--reviewkd_mid_channels 0 is below 1'),
+    (RULES, 'ofd_teacher', 'training', "--ofd_teacher 'training' is not one of the choices; use one of eval, train"),
+    (RULES, 'ce_weight', -0.1, '--ce_weight -0.1 is negative'),
     # AB, FT and the init stage
     *[(RULES, flag, -1, f'--{flag} -1 is negative') for flag in ('ab_beta', 'ft_beta')],
     (RULES, 'ft_rate', 0, '--ft_rate 0 is outside (0, 1]'), (RULES, 'ft_rate', 1.5, '--ft_rate 1.5 is outside (0, 1]'),
