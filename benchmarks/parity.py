@@ -418,9 +418,17 @@ def mdistiller_side(spec, workdir):
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
+def reference_argv(ref, options):
+    """The reference's arguments: templates filled with the run's options, and functions of the
+    options and the pair's networks (methods.probe) for what the reference is told about their shapes."""
+    import methods
+    nets = methods.probe(TEACHER, STUDENT, CLASSES)
+    return [str(a(options, nets)) if callable(a) else str(a).format(**options) for a in ref.argv]
+
+
 def run_reference(reference, method, workdir, initial, batches, paths, names, init_names, options):
     ref = references()[method]
-    argv = [str(a).format(**options) for a in ref.argv]  # mdistiller's: its configuration's overrides, KEY VALUE ...
+    argv = reference_argv(ref, options)  # mdistiller's: its configuration's overrides, KEY VALUE ...
     if ref.code == 'RepDistiller':  # train_student.py's command line
         argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *argv, '--batch_size', BATCH, '--epochs', 1,
                 '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
@@ -440,10 +448,16 @@ def run_reference(reference, method, workdir, initial, batches, paths, names, in
 # ----------------------------------------------------------------------------------------------
 # Comparing, and the numbers the tests keep
 
+# Below this norm a tensor is measured absolutely: a quantity that is 0 in exact arithmetic (the
+# running mean of a batch norm whose input is itself batch-normalised with zero shift, as in
+# ReviewKD's deepest level at the first step) is rounding noise on both sides, and its relative
+# difference means nothing.
+ZERO = 1e-6
+
+
 def relative(a, b):
-    scale = float(b.double().norm())
-    diff = float((a.double().flatten() - b.double().flatten()).norm())
-    return diff / scale if scale else diff
+    scale = max(float(b.double().norm()), ZERO)
+    return float((a.double().flatten() - b.double().flatten()).norm()) / scale
 
 
 def fingerprint(state):
@@ -468,7 +482,7 @@ def compare(method, steps, reference, commit, record):
         theirs = run_reference(reference, method, workdir, initial, batches, paths, names,
                                {k: v for k, v in init_names.items() if v is not None}, options)
     ref = references()[method]
-    argv = ' '.join(str(a).format(**options) for a in ref.argv)
+    argv = ' '.join(reference_argv(ref, options))
     print(f'\n{method}: {ref.code} {commit[:7]} {argv}, {steps} steps, fp64')
     print('| step | loss here | loss there | student weights | learned parts |')
     print('| --- | --- | --- | --- | --- |')

@@ -111,13 +111,15 @@ class Nets(NamedTuple):
 
 class Reference(NamedTuple):
     """How a reference implementation's own training code runs one benchmark column of a method,
-    for the parity harness (benchmarks/parity.py): the codebase, the flags of its training script,
-    and its names of the method's learned parts, as (regular expression over our 'aux.' name,
-    replacement: a template or a function of the match) pairs. RepDistiller's names live in the
-    namespace {'module_list': ..., 'criterion_list': ...} of its train_student.py's main stage
-    (`parts`) and {'module_list': [student], 'init_modules': ..., 'criterion': ...} of its init
-    stage (`init_parts`); `init`: the column trains an init stage first; `ours`: flags of this suite
-    that reproduce the reference where its default differs on purpose."""
+    for the parity harness (benchmarks/parity.py): the codebase, the flags of its training script
+    (templates of our options, or functions of the options and the pair's Nets where the reference
+    is told the networks' shapes), and its names of the method's learned parts, as (regular
+    expression over our 'aux.' name, replacement: a template or a function of the match) pairs.
+    RepDistiller's names live in the namespace {'module_list': ..., 'criterion_list': ...} of its
+    train_student.py's main stage (`parts`) and {'module_list': [student], 'init_modules': ...,
+    'criterion': ...} of its init stage (`init_parts`); `init`: the column trains an init stage
+    first; `ours`: flags of this suite that reproduce the reference where its default differs on
+    purpose."""
     code: str
     argv: tuple
     parts: tuple = ()

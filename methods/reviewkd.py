@@ -9,11 +9,13 @@ feature through the hierarchical context loss:
 mdistiller's CIFAR-100 weight: 5 for resnet32x4 -> resnet8x4 (its one file), 1 (its default)
 elsewhere, warmed up over 20 epochs.
 """
+import re
+
 import torch
 import torch.nn.functional as F
 
 from engine.rules import INTEGER
-from methods.base import Method, at_least_one, not_negative, setting, warmed_up, weight
+from methods.base import Method, Reference, at_least_one, not_negative, setting, warmed_up, weight
 from methods.formulas import at_least_fp32
 from methods.parts import unit_bnparams
 from utils import batch_norm
@@ -91,8 +93,32 @@ def review(features, params, base, mode, out_sizes):
     return outputs
 
 
+def levels(nets):
+    """The student's levels (its groups, then its pooled feature as a 1x1 map) and the teacher's
+    targets, shallow to deep, as mdistiller's REVIEWKD configuration describes them."""
+    return ([*nets.s.groups, nets.s.pooled[:, :, None, None]], [*nets.t.preact, nets.t.pooled[:, :, None, None]])
+
+
+def mdistiller_abf(m, levels=4):
+    """mdistiller's name of our ABF tensor (match of 'abf<i>.<conv|bn><j>...' or 'abf<i>.att.*'):
+    its ModuleList runs deep to shallow; the harness's pair has three groups, so four levels."""
+    i, rest = int(m[1]), m[2]
+    kind, j, tensor = re.fullmatch(r'(conv|bn|att)(\d?)\.?(.*)', rest).groups()
+    where = 'att_conv.0' if kind == 'att' else f'conv{j}.{0 if kind == "conv" else 1}'
+    return f'distiller.abfs.{levels - 1 - i}.{where}.{tensor or "weight"}'
+
+
 class ReviewKD(Method):
     name, title, order = 'reviewkd', 'ReviewKD', 150
+    references = {'reviewkd': Reference('mdistiller', (
+        'DISTILLER.TYPE', 'REVIEWKD', 'REVIEWKD.CE_WEIGHT', 1.0, 'REVIEWKD.REVIEWKD_WEIGHT', '{reviewkd_beta}',
+        'REVIEWKD.WARMUP_EPOCHS', '{reviewkd_warmup}', 'REVIEWKD.MAX_MID_CHANNEL', '{reviewkd_mid_channels}',
+        # its configuration describes the pair: sizes deep to shallow, channels shallow to deep
+        'REVIEWKD.SHAPES', lambda o, nets: [s.shape[2] for s in levels(nets)[0]][::-1],
+        'REVIEWKD.OUT_SHAPES', lambda o, nets: [t.shape[2] for t in levels(nets)[1]][::-1],
+        'REVIEWKD.IN_CHANNELS', lambda o, nets: [s.shape[1] for s in levels(nets)[0]],
+        'REVIEWKD.OUT_CHANNELS', lambda o, nets: [t.shape[1] for t in levels(nets)[1]]),
+        parts=((r'aux\.reviewkd\.abf(\d)\.(.*)', mdistiller_abf),))}
     flags = (
         weight('reviewkd_beta', "knowledge review: B * HCL between the student's groups and pooled feature, fused "
                                 "by learned ABF modules, and the teacher's pre-ReLU groups and pooled feature, "

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), 'benchmarks'))
 import parity  # noqa: E402
 
 RECORDED = sorted(glob.glob(os.path.join(HERE, 'fixtures', 'parity', '*.json')))
-TOLERANCE = 1e-9  # relative, per tensor: the harness finds 3e-11 or better between the two codebases
+TOLERANCE = 1e-9  # relative, per tensor (parity.ZERO below): the harness finds 2.3e-10 or better between the codebases
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -50,6 +50,7 @@ def test_steps_equal_the_references(path, tmp_path):
         # The reference's parts outside the stage (FT's translator in the init stage) were out of its reach.
         assert set(expected) <= set(got) and {k for k in got if k.startswith('student.')} <= set(expected)
         for name, (norm, projection) in expected.items():
+            scale = max(norm, parity.ZERO)  # a tensor 0 in exact arithmetic is rounding noise
             # Along a random direction the error is of the size of the difference's norm.
-            assert abs(got[name][0] - norm) <= TOLERANCE * norm, f'{name} after step {step}'
-            assert abs(got[name][1] - projection) <= TOLERANCE * norm * 10, f'{name} after step {step}'
+            assert abs(got[name][0] - norm) <= TOLERANCE * scale, f'{name} after step {step}'
+            assert abs(got[name][1] - projection) <= TOLERANCE * scale * 10, f'{name} after step {step}'
