@@ -5,6 +5,7 @@
     python3 benchmarks/parity.py --reference ~/RepDistiller --method all --record tests/fixtures/parity
     python3 benchmarks/parity.py --reference ~/mdistiller --method all      # its methods (DKD)
     python3 benchmarks/parity.py --reference ~/logit-standardization-KD --method kd_ls  # KD+LS, its authors'
+    python3 benchmarks/parity.py --reference ~/torchdistill --method dist   # DIST
 
 Both sides start from the same weights and see the same batches, in fp64:
 
@@ -18,11 +19,12 @@ Both sides start from the same weights and see the same batches, in fp64:
   where the reference would draw (CRD's negatives).
 
 Then the reference trains N steps with its own training code (RepDistiller's train_student.py:
-its networks, its distiller modules, its train_distill loop and its optimizer; or mdistiller's
-BaseTrainer over its distiller), imported from the checkout at run time in a process of its
-own, and this suite trains N steps through train(), as cifar.py does. Per step, the script
-prints both sides' total loss and the largest relative difference, ||ours - theirs|| /
-||theirs||, over the student's tensors and over the learned parts.
+its networks, its distiller modules, its train_distill loop and its optimizer; mdistiller's
+BaseTrainer over its distiller, or its fork's; torchdistill's DistillationBox stepped by its
+example's train_one_epoch), imported from the checkout at run time in a process of its own,
+and this suite trains N steps through train(), as cifar.py does. Per step, the script prints
+both sides' total loss and the largest relative difference, ||ours - theirs|| / ||theirs||,
+over the student's tensors and over the learned parts.
 
 --record writes the reference's trajectory as numbers (per step: the loss, and per tensor its norm
 and its projection on a fixed random direction) with the reference's commit, so that
@@ -42,7 +44,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Where each reference keeps the student (mdistiller's networks are RepDistiller's, names included).
 STUDENT_PREFIX = {'RepDistiller': 'module_list.0.', 'mdistiller': 'distiller.student.',
-                  'logit-standardization-KD': 'distiller.student.'}
+                  'logit-standardization-KD': 'distiller.student.', 'torchdistill': 'student.'}
 # Forks of mdistiller, told apart by what their configuration adds; their side runs as mdistiller's.
 FORKS = {'logit-standardization-KD': 'LOGIT_STAND'}
 ROOT = os.path.dirname(HERE)
@@ -300,6 +302,8 @@ def reference_side(reference, workdir):
     sys.path.insert(0, reference)
     if spec['code'] == 'mdistiller' or spec['code'] in FORKS:
         return mdistiller_side(spec, workdir)
+    if spec['code'] == 'torchdistill':
+        return torchdistill_side(spec, workdir, reference)
     import types
     logger = types.ModuleType('tensorboard_logger')  # a logging dependency the training does not need
     logger.Logger = lambda *a, **k: types.SimpleNamespace(log_value=lambda *a, **k: None)
@@ -418,6 +422,64 @@ def mdistiller_side(spec, workdir):
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
+def torchdistill_side(spec, workdir, reference):
+    """torchdistill's DistillationBox (its forward_process, post_forward_process and optimizer)
+    stepped by its example's train_one_epoch, over a WeightedSumLoss of the cross-entropy (weight 1)
+    and the method's sub-term, which the Reference's arguments describe as dotted paths under
+    `sub_terms` and their values. torchdistill has no CIFAR networks of RepDistiller's, so both are
+    this suite's transcription of them (tests/repdistiller_reference.py, same state-dict names)."""
+    import ast
+    sys.path.insert(0, os.path.join(reference, 'examples', 'torchvision'))
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    from image_classification import train_one_epoch
+    from torchdistill.core.distillation import get_distillation_box
+
+    from repdistiller_reference import REFERENCES
+
+    def network(role, arch):
+        model = REFERENCES[arch](CLASSES)
+        model.load_state_dict(torch.load(spec['paths'][role])['model'])
+        return model
+    terms = {'ce': {'criterion': {'key': 'CrossEntropyLoss', 'kwargs': {'reduction': 'mean'}},
+                    'criterion_wrapper': {'key': 'SimpleLossWrapper', 'kwargs': {
+                        'input': {'is_from_teacher': False, 'module_path': '.', 'io': 'output'},
+                        'target': {'uses_label': True}}},
+                    'weight': 1.0}}
+    for key, value in zip(spec['argv'][::2], spec['argv'][1::2]):
+        node, (*path, last) = terms, key.split('.')
+        for name in path:
+            node = node.setdefault(name, {})
+        try:
+            node[last] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a name, not a number
+            node[last] = value
+    config = {'num_epochs': 1,
+              'teacher': {'forward_proc': 'forward_batch_only', 'sequential': [], 'requires_grad': False},
+              'student': {'forward_proc': 'forward_batch_only', 'sequential': [], 'requires_grad': True,
+                          'frozen_modules': []},
+              'optimizer': {'key': 'SGD', 'kwargs': {'lr': LR, 'momentum': 0.9, 'weight_decay': 5e-4}},
+              'criterion': {'key': 'WeightedSumLoss', 'kwargs': {'sub_terms': terms}}}
+    # Its script evaluates the teacher before training (unless --student_only), which leaves the
+    # teacher in eval mode for the whole run; nothing in the box sets the mode of the teacher.
+    teacher = network('teacher', spec['teacher']).eval()
+    box = get_distillation_box(teacher, network('student', spec['student']), {}, config, torch.device('cpu'), None,
+                               False, 1)
+    box.train_data_loader = [(x, y, {}) for x, y, *_ in spec['batches']['main']]
+    tensors = tensors_of(student=box.student_model)
+    losses, states, seen = [], [], []
+    forward = box.forward_process
+
+    def forward_process(*args, **kwargs):  # the loss its post_forward_process steps on
+        loss = forward(*args, **kwargs)
+        seen.append(loss.detach())
+        return loss
+    box.forward_process = forward_process
+    box.pre_epoch_process(epoch=0)
+    recording(tensors, spec['names'], lambda: seen[-1], lambda: train_one_epoch(box, torch.device('cpu'), 0, 1000),
+              losses, states)
+    torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
+
+
 def reference_argv(ref, options):
     """The reference's arguments: templates filled with the run's options, and functions of the
     options and the pair's networks (methods.probe) for what the reference is told about their shapes."""
@@ -518,7 +580,9 @@ def compare(method, steps, reference, commit, record):
 
 
 def checkout(reference):
-    """Which reference a checkout holds: RepDistiller, mdistiller or one of its FORKS."""
+    """Which reference a checkout holds: RepDistiller, mdistiller or one of its FORKS, or torchdistill."""
+    if os.path.isdir(os.path.join(reference, 'torchdistill', 'core')):
+        return 'torchdistill'
     cfg = os.path.join(reference, 'mdistiller', 'engine', 'cfg.py')
     if not os.path.isfile(cfg):
         return 'RepDistiller'
@@ -531,7 +595,8 @@ def main(argv=None):
     global TEACHER, STUDENT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--reference', required=True,
-                   help="a checkout of a reference's code: RepDistiller, or mdistiller (a folder holding mdistiller/)")
+                   help="a checkout of a reference's code: RepDistiller, mdistiller (or its logit-standardisation "
+                        'fork) or torchdistill')
     p.add_argument('--method', default='all', help='a benchmark column (kd, at, vid ...), or all')
     p.add_argument('--steps', default=5, type=int)
     p.add_argument('--commit', default='', help="the reference's commit (default: git rev-parse HEAD in --reference)")

@@ -13,7 +13,7 @@ dist_kd.py); the benchmark column uses the defaults.
 import torch.nn.functional as F
 
 from engine.rules import NUMBER, Rule
-from methods.base import Method, positive, setting, weight
+from methods.base import Method, Reference, positive, setting, weight
 from methods.formulas import at_least_fp32
 
 EPS = 1e-8  # of the cosine's norms, as the authors' code
@@ -34,6 +34,13 @@ def dist_loss(y_s, y_t, inter=1.0, intra=1.0, tau=1.0):
 
 class DIST(Method):
     name, title, order = 'dist', 'DIST', 230
+    # torchdistill's DISTLoss beside its cross-entropy, as its ILSVRC 2012 sample configures them.
+    references = {'dist': Reference('torchdistill', (
+        'dist.criterion.key', 'DISTLoss', 'dist.criterion.kwargs.student_module_path', '.',
+        'dist.criterion.kwargs.student_module_io', 'output', 'dist.criterion.kwargs.teacher_module_path', '.',
+        'dist.criterion.kwargs.teacher_module_io', 'output', 'dist.criterion.kwargs.beta', '{dist_inter}',
+        'dist.criterion.kwargs.gamma', '{dist_intra}', 'dist.criterion.kwargs.tau', '{dist_tau}',
+        'dist.weight', '{dist_beta}'))}
     flags = (
         weight('dist_beta', 'DIST: B * tau^2 * (inter * inter-class + intra * intra-class relation of the softened '
                             'predictions, each 1 - mean Pearson correlation)'),
