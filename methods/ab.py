@@ -29,7 +29,14 @@ def ab_loss(groups_s, groups_t, margin=1.0):
 class AB(Method):
     name, title, order = 'ab', 'AB', 115
     # Its pairs of equal shapes only: the connectors of other pairs are not mapped to RepDistiller's yet.
-    references = {'ab': Reference('RepDistiller', ('--distill', 'abound', '-r', 1, '-a', 0, '-b', 1), init=True)}
+    # Its Connector: a ConvReg per group whose shape differs ('conv' whatever its kind), none elsewhere;
+    # the init stage trains it in init_modules, the main stage keeps it as module_list's second entry.
+    references = {'ab': Reference(
+        'RepDistiller', ('--distill', 'abound', '-r', 1, '-a', 0, '-b', 1), init=True,
+        parts=((r'aux\.ab(\d)\.(?:conv|down|up)\.(weight|bias)', r'module_list.1.connectors.\1.conv.\2'),
+               (r'aux\.ab(\d)\.bn\.(.*)', r'module_list.1.connectors.\1.bn.\2')),
+        init_parts=((r'aux\.ab(\d)\.(?:conv|down|up)\.(weight|bias)', r'init_modules.0.connectors.\1.conv.\2'),
+                    (r'aux\.ab(\d)\.bn\.(.*)', r'init_modules.0.connectors.\1.bn.\2')))}
     flags = (weight('ab_beta', "activation boundaries: B * AB between the student's pre-ReLU groups, through learned "
                                "connectors, and the teacher's, in the init stage only (RepDistiller's weight: 1)"),)
     reads = ('preact',)
