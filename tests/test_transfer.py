@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cifar
-from conftest import run_cli, run_in_process
+from conftest import ROOT, run_cli, run_in_process
 from engine.errors import UserError
 from engine.members import join_networks
 from engine.objective import Objective
@@ -493,3 +493,26 @@ def test_kd_with_standardised_logits_as_its_authors_weigh_it():
         options('--teacher_id', 't', '--alpha', 0.9, '--ce_weight', 0.1)
     with pytest.raises(UserError, match='--ce_weight -1.0 is negative'):
         options('--ce_weight', -1)
+
+
+def test_term_gradients_sets_each_weighted_term_against_the_classification_term(image_tree, workdir, monkeypatch,
+                                                                                capsys):
+    """benchmarks/term_gradients.py: per member and step, ||grad (w * term)|| / ||grad classification||
+    over the student's weights; the weights are the run's, AT's unweighted terms are left out."""
+    import importlib.util
+    path = os.path.join(ROOT, 'benchmarks', 'term_gradients.py')
+    spec = importlib.util.spec_from_file_location('term_gradients', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.chdir(workdir)
+    weighted_sum = tool.members_module.Member.weighted_sum
+    try:
+        tool.main(['--', *map(str, [*TINY, '--width', 0.5, '--epochs', 1, '--dataroot', image_tree, '--teacher_id',
+                                    'teacher', '--save', 'logs/term_gradients']),
+                   '--cohort', '[{"name": "sp", "seed": 1, "sp_beta": 3000}, {"name": "kd", "seed": 1, "alpha": 0.9}]'])
+    finally:
+        tool.members_module.Member.weighted_sum = weighted_sum
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines() if line.startswith('| sp |')]
+    assert len(rows) == 1 and rows[0][1:3] == ['sp', '3000']
+    mean, first, last = (float(v.strip(' |')) for v in rows[0][3:])
+    assert mean > 0 and first > 0 and last > 0
