@@ -31,7 +31,7 @@ from engine.checkpoint import CHECKPOINT, check_finite, copy_params_, load_check
 from engine.cohort import check_options, resumed_options, start_runs
 from engine.devices import usable_cores, uses_channels_last
 from engine.errors import UserError
-from engine.members import build_members
+from engine.members import build_members, holding
 from engine.options import CIFAR_RULES, add_common_arguments, check_cifar_networks, check_paths, given_flags
 from engine.stopping import reports_user_errors
 from engine.training import train
@@ -107,10 +107,7 @@ def student(opt, num_classes, start=None):
     parts, drawn next, start the same with and without --student_params."""
     f, params = network(opt.arch, opt.depth, opt.width, num_classes)
     initialize(params, zoo.family(opt.arch), resolve(opt.init, opt.arch))
-    if start is not None:
-        # A copy each: the members of a cohort train their own.
-        params = {k: start[k].detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
-    return f, params
+    return f, (params if start is None else holding(params, start))
 
 
 def load_student_params(opt, num_classes):

@@ -17,7 +17,7 @@ from datasets.imagenet import ImageFolderLoader, check_image_folders
 from engine.cohort import check_options, resumed_options, start_runs
 from engine.devices import usable_cores, uses_channels_last
 from engine.errors import UserError
-from engine.members import build_members
+from engine.members import build_members, holding
 from engine.options import IMAGENET_RULES, add_common_arguments, check_paths, given_flags
 from engine.stopping import reports_user_errors
 from engine.training import train
@@ -65,14 +65,10 @@ def load_teacher(path, num_classes):
 
 
 def student(opt, num_classes, start=None):
-    """(f, params): the student drawn from torch's generator, then, with `start` (the tensors of
-    --student_params), holding those instead, in the file's dtype (the run casts them once). The
-    draw happens either way, so the methods' learned parts, drawn next, start the same."""
+    """(f, params): the student drawn from torch's generator, holding the tensors of
+    --student_params (`start`) instead where given (members.holding)."""
     f, params = define_student(opt.depth, opt.width, num_classes)
-    if start is not None:
-        # A copy each: the members of a cohort train their own.
-        params = {k: start[k].detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
-    return f, params
+    return f, (params if start is None else holding(params, start))
 
 
 @reports_user_errors

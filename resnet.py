@@ -251,7 +251,7 @@ TEACHER_FILES = 'a torchvision resnet18/34 state dict, the BN-folded export or a
 STUDENT_FILES = 'a torchvision resnet18/34 state dict or a model.pt7 of imagenet.py as --student_params'
 
 
-def read_teacher_file(path, role='teacher', files=TEACHER_FILES):
+def read_weights_file(path, role='teacher', files=TEACHER_FILES):
     """(tensors, {our name: the file's name}, whether they still have BNs to fold) from any
     file define_teacher (or, for a student, load_student_file) reads."""
     if not os.path.isfile(path):
@@ -288,7 +288,7 @@ def check_tensors(params, expected, names, path, what, fix=''):
 def load_student_file(path, depth, width, num_classes):
     """The student's tensors from a torchvision resnet18/34 state dict or a model.pt7 of
     imagenet.py, checked against --depth, --width and the data's classes, in the file's dtype."""
-    params, names, has_bn = read_teacher_file(path, 'student', STUDENT_FILES)
+    params, names, has_bn = read_weights_file(path, 'student', STUDENT_FILES)
     if not has_bn:
         raise UserError(f'{path} is a BN-folded export, which has no batch norms for a student to train; pass '
                         f'{STUDENT_FILES}')
@@ -308,7 +308,7 @@ def define_teacher(path):
     /bias, group{g}.block0.conv_dim.weight, fc.*), (b) a torchvision resnet18/34 state dict, or
     (c) a model.pt7 of imagenet.py; (b) and (c) have their BNs folded at load. Depth, width and
     the number of classes come from the file; all tensors are checked before use."""
-    params, names, has_bn = read_teacher_file(path)
+    params, names, has_bn = read_weights_file(path)
     stem = 'conv0' if has_bn else 'conv0.weight'
     counts = [len([k for k in params if re.fullmatch(rf'group{g}\.block\d+\.{stem}', k)]) for g in range(4)]
     depth = next((d for d, blocks in IMAGENET_BLOCKS.items() if list(blocks) == counts), None)

@@ -144,6 +144,13 @@ def checkpoint_position(iteration, epoch_length, init_epochs=0):
     return f'after {name(epochs_done)}' if epochs_done else 'after epoch 0'
 
 
+def holding(params, start):
+    """A freshly drawn student's `params` replaced by the tensors of --student_params (`start`, in
+    the file's dtype until the run casts them), each a copy: the members of a cohort train their own.
+    The draw happened anyway, so what is drawn next (the methods' parts) starts as without the flag."""
+    return {k: start[k].detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+
+
 def build_members(runs, make_student, teacher, *, image_size, device, channels_last, train_labels=None):
     """A Member for each run's options: its student initialised from its own seed exactly as a
     single run with that seed is (auxiliary parameters included), all of them sharing one copy

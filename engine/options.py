@@ -35,7 +35,7 @@ from engine.rules import check_option as check_rule
 from methods.base import DEFAULT_INIT_EPOCHS
 from models.init import INITS
 from models.zoo import ARCHS
-from resnet import IMAGENET_BLOCKS, wrn_block_count
+from resnet import IMAGENET_BLOCKS, STUDENT_FILES, wrn_block_count
 from utils import DTYPES
 
 # numpy's legacy generator takes seeds below 2**32, and the loaders seed torch generators with
@@ -389,7 +389,7 @@ def check_teacher_file(path, what):
 
 REPDISTILLER_STUDENT = ('pass a RepDistiller or mdistiller checkpoint of --arch, or a model.pt7 of this suite (or '
                         'its run folder), as --student_params')
-IMAGENET_STUDENT = 'pass a torchvision resnet18/34 state dict or a model.pt7 of imagenet.py as --student_params'
+IMAGENET_STUDENT = f'pass {STUDENT_FILES}'
 
 
 def check_student_file(path, what):

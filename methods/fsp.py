@@ -45,8 +45,8 @@ class FSP(Method):
     examples = {'FSP': {'fsp_beta': 1}}
 
     def refuse(self, o, context):
-        # A user of RepDistiller's script passes -b 50; weighing the init stage's only term by 50
-        # here diverged within four steps.
+        # A user of RepDistiller's script passes -b 50, which there changes nothing; here it would
+        # multiply the init stage's only term, and so its step, by 50.
         if o.fsp_beta not in (0, 1) and o.init_epochs != 0:
             raise UserError(f'--fsp_beta {o.fsp_beta:g} would weigh the init stage, whose FSP loss RepDistiller '
                             f'trains unweighted (its FSP never reads -b, so its script\'s -b 50 means nothing); use '
