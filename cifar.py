@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import methods
 from datasets.cifar import (
     CROP_PADDING,
     NORMALIZATION,
@@ -188,7 +189,8 @@ def main(argv=None):
     layout = dict(dtype=DTYPES[opt.dtype], channels_last=uses_channels_last(opt), normalization=opt.normalization)
     train_loader = Loader(train_images.to(device), train_labels.to(device), opt.batch_size, train=True,
                           pad=int(opt.randomcrop_pad), padding=opt.crop_padding, seed=opt.data_seed,
-                          augment=opt.augment == 'on', **layout)
+                          augment=opt.augment == 'on', strong_view=any(methods.strong_view(run) for run in runs),
+                          **layout)
     test_loader = Loader(test_images.to(device), test_labels.to(device), opt.batch_size, train=False,
                          **layout)
 

@@ -15,6 +15,9 @@ The CIFAR networks (the WRN here, the families in models/) also take preact=True
 RepDistiller's `preact=True` features define it, which AB and OFD compare; `f.bn_before_relu`
 names, per group, the batch norm that sets that output's distribution (OFD's margins). The
 ImageNet networks take no preact.
+Every network takes stem=True (the output of the layers before the first group, fifth) and
+feature_map=True (with everything before it, sixth: the map whose global average is the
+feature, to which SDD and CAT-KD apply the classifier region by region).
 """
 import os
 import re
@@ -84,16 +87,17 @@ def resnet(depth, width, num_classes):
             o, _ = block(o, params, f'{base}.block{i}', mode, 1)
         return o, entry
 
-    def f(input, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(input, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         x = F.conv2d(input, params[base + 'conv0'], padding=1)
         g0, _ = group(x, params, base + 'group0', mode, 1)
         g1, p0 = group(g0, params, base + 'group1', mode, 2)
         g2, p1 = group(g1, params, base + 'group2', mode, 2)
         p2 = head_batch_norm(g2, params, base + 'bn', mode)
-        o = F.avg_pool2d(F.relu(p2), 8, 1, 0).flatten(1)
+        m = F.relu(p2)
+        o = F.avg_pool2d(m, 8, 1, 0).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        if stem:  # a pre-activation network's stem is its first convolution
-            return logits, (g0, g1, g2), o, (p0, p1, p2), x
+        if stem or feature_map:  # a pre-activation network's stem is its first convolution
+            return (logits, (g0, g1, g2), o, (p0, p1, p2), x) + ((m,) if feature_map else ())
         if preact:
             # A pre-activation block has no ReLU at its end: RepDistiller's pre-ReLU value of a
             # group is the BN that the next block (or the final bn) applies to it, which the
@@ -146,7 +150,7 @@ def define_student(depth, width, num_classes=1000):
             x = batch_norm(F.conv2d(x, params[base + '.conv_dim'], stride=stride), params, base + '.bn_dim', mode)
         return F.relu(o + x)
 
-    def f(input, params, mode, prefix='', pooled=False, stem=False):
+    def f(input, params, mode, prefix='', pooled=False, stem=False, feature_map=False):
         o = F.conv2d(input, params[prefix + 'conv0'], stride=2, padding=3)
         s0 = F.relu(batch_norm(o, params, prefix + 'bn0', mode))
         o = F.max_pool2d(s0, 3, 2, 1)
@@ -155,10 +159,10 @@ def define_student(depth, width, num_classes=1000):
             for i in range(n):
                 o = block(o, params, f'{prefix}group{g}.block{i}', mode, 2 if g and not i else 1)
             outputs.append(o)
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
-        if stem:  # no pre-ReLU groups here
-            return logits, outputs, o, None, s0
+        if stem or feature_map:  # no pre-ReLU groups here
+            return (logits, outputs, o, None, s0) + ((m,) if feature_map else ())
         return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f, params
@@ -175,7 +179,7 @@ def teacher_forward(blocks):
             x = F.conv2d(x, params[base + '.conv_dim.weight'], stride=stride)
         return F.relu(o + x)
 
-    def f(input, params, prefix='', pooled=False, stem=False):
+    def f(input, params, prefix='', pooled=False, stem=False, feature_map=False):
         o = F.conv2d(input, params[prefix + 'conv0.weight'], params[prefix + 'conv0.bias'], stride=2, padding=3)
         s0 = F.relu(o)
         o = F.max_pool2d(s0, 3, 2, 1)
@@ -184,10 +188,10 @@ def teacher_forward(blocks):
             for i in range(n):
                 o = block(o, params, f'{prefix}group{g}.block{i}', 2 if g and not i else 1)
             outputs.append(o)
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[prefix + 'fc.weight'], params[prefix + 'fc.bias'])
-        if stem:  # no pre-ReLU groups here
-            return logits, outputs, o, None, s0
+        if stem or feature_map:  # no pre-ReLU groups here
+            return (logits, outputs, o, None, s0) + ((m,) if feature_map else ())
         return (logits, outputs, o) if pooled else (logits, outputs)
 
     return f

@@ -6,6 +6,12 @@
     python3 benchmarks/parity.py --reference ~/mdistiller --method all      # its methods (DKD)
     python3 benchmarks/parity.py --reference ~/logit-standardization-KD --method kd_ls  # KD+LS, its authors'
     python3 benchmarks/parity.py --reference ~/torchdistill --method dist   # DIST
+    python3 benchmarks/parity.py --reference ~/SDD-CVPR2024 --method all    # SDD-DKD, SDD-KD: a fork of mdistiller
+    python3 benchmarks/parity.py --reference ~/CAT-KD --method catkd        # CAT-KD: a fork of mdistiller
+    python3 benchmarks/parity.py --reference ~/CTKD --method all            # CTKD, a fork of RepDistiller
+    python3 benchmarks/parity.py --reference ~/Multi-Level-Logit-Distillation --method mlkd  # MLKD, its authors'
+    python3 benchmarks/parity.py --reference ~/TTM --method wttm            # WTTM, a fork of RepDistiller
+    python3 benchmarks/parity.py --reference ~/cls_KD --method nkd          # NKD, its authors' loss
 
 Both sides start from the same weights and see the same batches, in fp64:
 
@@ -15,13 +21,15 @@ Both sides start from the same weights and see the same batches, in fp64:
 - the method's learned parts are built by both sides, and the reference's are overwritten with
   this suite's initial values (the `aux.` tensors, mapped to the reference's module names);
 - the batches are this suite's training batches over a seeded set of random images (--augment
-  off), handed to the reference as its data loader, with what this suite drew in each step
-  where the reference would draw (CRD's negatives).
+  off), handed to the reference as its data loader (with a strong view, the pair of views its own
+  loader gives), with what this suite drew in each step where the reference would draw (CRD's
+  negatives).
 
 Then the reference trains N steps with its own training code (RepDistiller's train_student.py:
 its networks, its distiller modules, its train_distill loop and its optimizer; mdistiller's
 BaseTrainer over its distiller, or its fork's; torchdistill's DistillationBox stepped by its
-example's train_one_epoch), imported from the checkout at run time in a process of its own,
+example's train_one_epoch; cls_KD's loss module alone, its mmcls distiller's loop being the
+harness's transcription), imported from the checkout at run time in a process of its own,
 and this suite trains N steps through train(), as cifar.py does. Per step, the script prints
 both sides' total loss and the largest relative difference, ||ours - theirs|| / ||theirs||,
 over the student's tensors and over the learned parts.
@@ -37,6 +45,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -45,8 +54,36 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Where each reference keeps the student (mdistiller's networks are RepDistiller's, names included).
 STUDENT_PREFIX = {'RepDistiller': 'module_list.0.', 'mdistiller': 'distiller.student.',
                   'logit-standardization-KD': 'distiller.student.', 'torchdistill': 'student.'}
-# Forks of mdistiller, told apart by what their configuration adds; their side runs as mdistiller's.
-FORKS = {'logit-standardization-KD': 'LOGIT_STAND'}
+# Forks of mdistiller, told apart by what their configuration adds (or a file only they have); their
+# side runs as mdistiller's, over the networks of MDISTILLER_NETWORKS where theirs differ.
+FORKS = {'logit-standardization-KD': 'LOGIT_STAND', 'CAT-KD': 'CAT_KD',
+         'SDD-CVPR2024': 'mdistiller/distillers/SDD_DKD.py',
+         'Multi-Level-Logit-Distillation': 'mdistiller/distillers/KD_ours.py'}  # MLKD's authors'
+STUDENT_PREFIX.update({fork: STUDENT_PREFIX['mdistiller'] for fork in FORKS})
+
+
+class Fork(NamedTuple):
+    """A fork of RepDistiller whose side runs as RepDistiller's: a file only it has, its spelling of
+    the flags the harness passes to train_student.py, and the modules it imports that the harness's
+    batches do not need (stood in for). Its train_distill may take more than RepDistiller's; the
+    modules among its arguments are in reach under their argument's name. `torch_1_kl_div`: it
+    differentiates F.kl_div with respect to its target, which torch up to 1.12 did with 0 where the
+    target is 0, and later versions do with 0/0 (NaN)."""
+    mark: str
+    spelling: dict = {}
+    stand_ins: tuple = ()
+    torch_1_kl_div: bool = False
+
+
+REPDISTILLER_FORKS = {
+    # Its learned temperature reaches the teacher's probabilities, one of which DKD masks to exactly 0.
+    'CTKD': Fork('models/temp_global.py', {'--path_t': '--path-t', '--print_freq': '--print-freq'},
+                 ('imgaug', 'imgaug.augmenters'), torch_1_kl_div=True),
+    'TTM': Fork('distiller_zoo/wttm.py'),  # WTTM's authors'
+}
+STUDENT_PREFIX.update({fork: STUDENT_PREFIX['RepDistiller'] for fork in REPDISTILLER_FORKS})
+# cls_KD (NKD's authors', on mmcls): its logit losses, in the loop of its distiller (cls_kd_side).
+STUDENT_PREFIX['cls_KD'] = 'student.'
 ROOT = os.path.dirname(HERE)
 SEED = 0
 STUDENT, TEACHER, CLASSES = 'resnet8', 'resnet20', 100
@@ -65,12 +102,12 @@ def reference_name(name, method, init=False):
     (`init`) its init stage, or None."""
     from models import zoo
     ref = references()[method]
-    if name.startswith('student.'):
-        return STUDENT_PREFIX[ref.code] + zoo.repdistiller_name(STUDENT, name[len('student.'):])
-    for pattern, replacement in ref.init_parts if init else ref.parts:
+    for pattern, replacement in ref.init_parts if init else ref.parts:  # a student tensor it names otherwise too
         m = re.fullmatch(pattern, name)
         if m:
             return replacement(m) if callable(replacement) else m.expand(replacement)
+    if name.startswith('student.'):
+        return STUDENT_PREFIX[ref.code] + zoo.repdistiller_name(STUDENT, name[len('student.'):])
     return None
 
 
@@ -156,6 +193,7 @@ def ours(method, steps, workdir):
     from unittest import mock
 
     import cifar
+    import methods
     from datasets.cifar import Loader
     from engine.cohort import start_runs
     from engine.members import build_members
@@ -177,7 +215,8 @@ def ours(method, steps, workdir):
     teacher = cifar.load_teacher(opt, CLASSES)
     start = cifar.load_student_params(opt, CLASSES)
     layout = dict(dtype=DTYPES[opt.dtype], channels_last=False, normalization=opt.normalization)
-    train_loader = Loader(x, y, BATCH, train=True, seed=opt.data_seed, augment=False, **layout)
+    train_loader = Loader(x, y, BATCH, train=True, seed=opt.data_seed, augment=False,
+                          strong_view=methods.strong_view(opt), **layout)
     test_loader = Loader(x[:BATCH], y[:BATCH], BATCH, train=False, **layout)
     members = build_members(runs, lambda: cifar.student(opt, CLASSES, start), teacher, image_size=32,
                             device=device, channels_last=False, train_labels=train_loader.labels)
@@ -185,6 +224,8 @@ def ours(method, steps, workdir):
     redraw_parts_(member.params)
     initial = {k: v.detach().clone() for k, v in member.params.items() if k.startswith('aux.')}
     losses, states, pending = [], [], []
+    # What a method holds at zero (a tensor its reference's network lacks) is checked to stay zero instead.
+    held = {member.objective.prefix + n for m in member.objective.methods for n in m.held_at_zero(opt)}
     weighted_sum = member.weighted_sum
 
     def recording_sum(terms):
@@ -196,7 +237,9 @@ def ours(method, steps, workdir):
     def after_step(optimizer, args, kwargs):
         losses.append(pending[-1])
         states.append({k: v.detach().clone() for k, v in member.params.items()
-                       if k.startswith(('student.', 'aux.'))})
+                       if k.startswith(('student.', 'aux.')) and k not in held})
+        if any(bool(member.params[k].any()) for k in held):
+            sys.exit(f'{method}: {", ".join(sorted(held))} no longer zero after a step')
     hook = register_optimizer_step_post_hook(after_step)
     # What a method draws in a step (CRD's negatives, with the sample itself in column 0), for the
     # reference to be fed the same draws.
@@ -215,7 +258,8 @@ def ours(method, steps, workdir):
     batches = {}
     for stage, epoch in (('init', 0), ('main', 1)):  # an init epoch draws the batches of epoch 0
         train_loader.set_epoch(epoch)
-        batches[stage] = [(xb, yb, index) for xb, yb, _, index in train_loader]
+        # With a strong view, the images are the pair [batch, strong view], as MLKD's own loader gives them.
+        batches[stage] = [([xb, *strong] if strong else xb, yb, index) for xb, yb, _, index, *strong in train_loader]
     if contrasts:
         batches['main'] = [(*b, c) for b, c in zip(batches['main'], contrasts)]
     return losses, states, initial, batches, paths, vars(opt)
@@ -225,7 +269,11 @@ def ours(method, steps, workdir):
 # The reference's side, in a process of its own (its `models` package is not ours)
 
 class Float64(torch.Tensor):
-    """A batch whose .float() keeps fp64: the reference's loop casts its input to fp32."""
+    """A batch whose .float() keeps fp64: the reference's loop casts its input to fp32. What is
+    computed from it is a plain tensor (a loop that does not cast it, a fork's, takes .float() of
+    its accuracy counts)."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
     def float(self):
         return self.as_subclass(torch.Tensor)
 
@@ -304,10 +352,26 @@ def reference_side(reference, workdir):
         return mdistiller_side(spec, workdir)
     if spec['code'] == 'torchdistill':
         return torchdistill_side(spec, workdir, reference)
+    if spec['code'] == 'cls_KD':
+        return cls_kd_side(spec, workdir, reference)
+    import inspect
     import types
     logger = types.ModuleType('tensorboard_logger')  # a logging dependency the training does not need
     logger.Logger = lambda *a, **k: types.SimpleNamespace(log_value=lambda *a, **k: None)
     sys.modules['tensorboard_logger'] = logger
+    fork = REPDISTILLER_FORKS.get(spec['code'], Fork(''))
+    for name in fork.stand_ins:
+        sys.modules[name] = types.ModuleType(name)
+        parent, _, child = name.rpartition('.')
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[name])
+    torch.Tensor.cuda = lambda self, *a, **k: self  # a fork's loop may move tensors to a GPU unasked
+    if fork.torch_1_kl_div:
+        kl_div = torch.nn.functional.kl_div
+
+        def torch_1_kl_div(input, target, *args, **kwargs):  # the same values; no gradient reaches a zero target
+            return kl_div(input, torch.where(target == 0, target.detach(), target), *args, **kwargs)
+        torch.nn.functional.kl_div = torch_1_kl_div
     import train_student as ts
     student_path, build = spec['paths']['student'], ts.model_dict[spec['student']]
 
@@ -316,17 +380,21 @@ def reference_side(reference, workdir):
         model.load_state_dict(torch.load(student_path)['model'])
         return model
     ts.model_dict = {**ts.model_dict, spec['student']: student}
-    import crd.memory
-    # Its sampler moves its tables to the GPU unasked; the harness feeds the draws instead.
-    crd.memory.AliasMethod.cuda = lambda self: self
+    if os.path.isfile(os.path.join(reference, 'crd', 'memory.py')):  # a fork may not have CRD's package
+        import crd.memory
+        # Its sampler moves its tables to the GPU unasked; the harness feeds the draws instead.
+        crd.memory.AliasMethod.cuda = lambda self: self
 
     def fed(batches):
         return [(x.as_subclass(Float64), *rest) for x, *rest in batches]
     val_batches = [(x.as_subclass(Float64), y) for x, y, *_ in spec['batches']['main'][:1]]
-    ts.get_cifar100_dataloaders = lambda **kw: (fed(spec['batches']['main']), val_batches, spec['n_data'])
-    ts.get_cifar100_dataloaders_sample = ts.get_cifar100_dataloaders
+    loaders = (fed(spec['batches']['main']), val_batches, spec['n_data'])
+    # Without is_instance (a fork's call) its batches hold no dataset indices.
+    ts.get_cifar100_dataloaders = lambda is_instance=False, **kw: loaders if is_instance else (
+        [(x, y) for x, y, *_ in loaders[0]], val_batches)
+    ts.get_cifar100_dataloaders_sample = lambda **kw: loaders
     losses, states, loaded = [], [], set()
-    real_train, real_init = ts.train, ts.init
+    real_train, real_init = ts.train, getattr(ts, 'init', None)
 
     def init(model_s, model_t, init_modules, criterion, train_loader, logger, opt):
         tensors = tensors_of(module_list=torch.nn.ModuleList([model_s]), init_modules=init_modules,
@@ -346,8 +414,11 @@ def reference_side(reference, workdir):
             for h in handles:
                 h.remove()
 
-    def train(epoch, train_loader, module_list, criterion_list, optimizer, opt):
-        tensors = tensors_of(module_list=module_list, criterion_list=criterion_list)
+    def train(*args):
+        # train_distill(epoch, train_loader, module_list, criterion_list, optimizer, opt), or a fork's
+        given = dict(zip(inspect.signature(real_train).parameters, args))
+        criterion_list, opt = given['criterion_list'], given['opt']
+        tensors = tensors_of(**{k: v for k, v in given.items() if isinstance(v, torch.nn.Module)})
         load_parts(spec['parts'], tensors, spec['names'], loaded)
         kd = criterion_list[2]
         cls, h_cls = outputs_of([criterion_list[0]])
@@ -359,16 +430,25 @@ def reference_side(reference, workdir):
             kd_losses.clear()
             return loss
         try:
-            return recording(tensors, spec['names'], step_loss,
-                             lambda: real_train(epoch, train_loader, module_list, criterion_list, optimizer, opt),
-                             losses, states)
+            done = recording(tensors, spec['names'], step_loss, lambda: real_train(*args), losses, states)
         finally:
             for h in h_cls + h_div + h_kd:
                 h.remove()
+        if given.get('epoch') == opt.epochs:
+            # What the script does after its last step (evaluation, checkpoints, its log) is not compared;
+            # a fork's may not run on the harness's one validation batch (TTM's expects an accuracy above 0).
+            raise Trained
+        return done
+
+    class Trained(Exception):
+        pass
     ts.train, ts.init = train, init
     sys.argv = ['train_student.py', *spec['argv']]
     os.chdir(workdir)
-    ts.main()
+    try:
+        ts.main()
+    except Trained:
+        pass
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
@@ -392,22 +472,30 @@ def mdistiller_side(spec, workdir):
         node, (*path, last) = cfg, key.split('.')
         for name in path:
             node = node[name]
-        node[last] = value if isinstance(node[last], str) else type(node[last])(ast.literal_eval(value))
+        if last not in node:  # a key a fork's train script adds to the configuration (SDD's M and warmup)
+            node[last] = ast.literal_eval(value)
+        else:
+            node[last] = value if isinstance(node[last], str) else type(node[last])(ast.literal_eval(value))
     cfg.SOLVER.LR, cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.EPOCHS = LR, BATCH, 1
     cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.MOMENTUM = 5e-4, 0.9
     cfg.LOG.PREFIX, cfg.LOG.WANDB = workdir, False
 
     def network(role, arch):
+        state = torch.load(spec['paths'][role])['model']
+        if spec['code'] in MDISTILLER_NETWORKS:
+            return MDISTILLER_NETWORKS[spec['code']](cifar_model_dict, arch, cfg, state)
         model = cifar_model_dict[arch][0](num_classes=CLASSES)
-        model.load_state_dict(torch.load(spec['paths'][role])['model'])
+        model.load_state_dict(state)
         return model
     distiller = distiller_dict[cfg.DISTILLER.TYPE](network('student', spec['student']),
                                                    network('teacher', spec['teacher']), cfg)
     distiller = torch.nn.DataParallel(distiller)  # as its train.py wraps it; on a CPU it calls the module
     tensors = tensors_of(distiller=distiller.module)
     load_parts(spec['parts'], tensors, spec['names'], set())
-    train = [(x.as_subclass(Float64), *rest) for x, *rest in spec['batches']['main']]
-    val = [(x.as_subclass(Float64), y) for x, y, *_ in spec['batches']['main'][:1]]
+    def fed(x):  # a batch, or the pair of views of a loader that makes a strong view
+        return [v.as_subclass(Float64) for v in x] if isinstance(x, list) else x.as_subclass(Float64)
+    train = [(fed(x), *rest) for x, *rest in spec['batches']['main']]
+    val = [(fed(x[0] if isinstance(x, list) else x), y) for x, y, *_ in spec['batches']['main'][:1]]
     trainer = trainer_dict[cfg.SOLVER.TRAINER]('parity', distiller, train, val, cfg)
     losses, states, seen = [], [], []
 
@@ -420,6 +508,33 @@ def mdistiller_side(spec, workdir):
     finally:
         hook.remove()
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
+
+
+def sdd_network(models, arch, cfg, state):
+    """SDD's networks that also score their regions ('<arch>_sdd'), told the scales as its train
+    script tells them (its --M, in the configuration)."""
+    model = models[arch + '_sdd'][0](num_classes=CLASSES, M=cfg.M)
+    model.load_state_dict(state)
+    return model
+
+
+def catkd_network(models, arch, cfg, state):
+    """CAT-KD's networks as its train.py converts them ('<arch>_test'): the classifier's weight
+    as a 1x1 convolution before the pool, 'conv_test', and no bias. Its dictionary lists no
+    resnet8 of the kind; its class builds one as it builds resnet20's."""
+    from mdistiller.models.cifar.resnet import ResNet_test
+    extra = {'resnet8': lambda num_classes: ResNet_test(8, [16, 16, 32, 64], 'basicblock', num_classes=num_classes)}
+    model = (models[arch + '_test'][0] if arch + '_test' in models else extra[arch])(num_classes=CLASSES)
+    own = model.state_dict()
+    classifier = next(v for k, v in state.items() if k not in own and v.dim() == 2)
+    model.load_state_dict({**{k: v for k, v in state.items() if k in own},
+                           'conv_test.weight': classifier.view(*classifier.shape, 1, 1)})
+    return model
+
+
+# Forks of mdistiller whose networks are not mdistiller's: (its model dictionary, our name of the
+# network, its configuration, the network's state dict under RepDistiller's names) -> the network.
+MDISTILLER_NETWORKS = {'SDD-CVPR2024': sdd_network, 'CAT-KD': catkd_network}
 
 
 def torchdistill_side(spec, workdir, reference):
@@ -480,6 +595,60 @@ def torchdistill_side(spec, workdir, reference):
     torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
 
 
+def cls_kd_side(spec, workdir, reference):
+    """cls_KD's logit loss, the class of its mmcls/models/dis_losses/ that the Reference names first,
+    built with the keyword arguments that follow, imported from the checkout with a stand-in for the
+    mmcls registry it registers with (nothing else of mmcls or mmengine is needed). It is trained
+    by a loop that does what cls_KD's ClassificationDistiller.loss and mmengine's training loop do:
+    the whole distiller in training mode (the loop calls its train() every epoch, which reaches the
+    teacher), the teacher's logits without gradient, the student's cross-entropy (its head's
+    CrossEntropyLoss, weight 1) plus the loss, summed (mmengine's parse_losses), and an SGD step
+    (its OptimWrapper: backward, step, zero_grad). cls_KD has no CIFAR networks of RepDistiller's,
+    so both are this suite's transcription of them (tests/repdistiller_reference.py)."""
+    import ast
+    import importlib.util
+    import types
+
+    import torch.nn.functional as F
+    registry = types.ModuleType('mmcls.registry')
+    registry.MODELS = types.SimpleNamespace(register_module=lambda *a, **k: (lambda cls: cls))
+    sys.modules['mmcls'], sys.modules['mmcls.registry'] = types.ModuleType('mmcls'), registry
+    name, *arguments = spec['argv']
+    stem = name[:-len('Loss')].lower()
+    found = importlib.util.spec_from_file_location(
+        f'cls_kd_{stem}', os.path.join(reference, 'mmcls', 'models', 'dis_losses', f'{stem}.py'))
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    kwargs = {k: ast.literal_eval(v) for k, v in zip(arguments[::2], arguments[1::2])}
+    criterion = getattr(module, name)(name=f'loss_{stem}', use_this=True, **kwargs)
+    sys.path.insert(0, os.path.join(ROOT, 'tests'))
+    from repdistiller_reference import REFERENCES
+
+    def network(role, arch):
+        model = REFERENCES[arch](CLASSES)
+        model.load_state_dict(torch.load(spec['paths'][role])['model'])
+        return model
+    student, teacher = network('student', spec['student']), network('teacher', spec['teacher'])
+    teacher.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    losses, states, seen = [], [], []
+
+    def epoch():
+        student.train()
+        teacher.train()
+        for x, y, *_ in spec['batches']['main']:
+            logit_s = student(x)
+            with torch.no_grad():
+                logit_t = teacher(x)
+            loss = F.cross_entropy(logit_s, y) + criterion(logit_s, logit_t, y)
+            seen.append(loss.detach())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    recording(tensors_of(student=student), spec['names'], lambda: seen[-1], epoch, losses, states)
+    torch.save({'losses': losses, 'states': states}, os.path.join(workdir, 'reference.pt'))
+
+
 def reference_argv(ref, options):
     """The reference's arguments: templates filled with the run's options, and functions of the
     options and the pair's networks (methods.probe) for what the reference is told about their shapes."""
@@ -491,10 +660,12 @@ def reference_argv(ref, options):
 def run_reference(reference, method, workdir, initial, batches, paths, names, init_names, options):
     ref = references()[method]
     argv = reference_argv(ref, options)  # mdistiller's: its configuration's overrides, KEY VALUE ...
-    if ref.code == 'RepDistiller':  # train_student.py's command line
+    if ref.code == 'RepDistiller' or ref.code in REPDISTILLER_FORKS:  # train_student.py's command line
         argv = ['--path_t', paths['teacher'], '--model_s', STUDENT, *argv, '--batch_size', BATCH, '--epochs', 1,
                 '--learning_rate', LR, '--num_workers', 0, '--print_freq', 1000,
                 *(['--init_epochs', 1] if ref.init else [])]
+        spelling = REPDISTILLER_FORKS[ref.code].spelling if ref.code in REPDISTILLER_FORKS else {}
+        argv = [spelling.get(a, a) for a in argv]
     spec = {'argv': [str(a) for a in argv], 'code': ref.code, 'student': STUDENT, 'teacher': TEACHER,
             'paths': paths, 'batches': batches,
             'n_data': sum(len(b[1]) for b in batches['main']), 'names': names, 'init_names': init_names,
@@ -580,23 +751,28 @@ def compare(method, steps, reference, commit, record):
 
 
 def checkout(reference):
-    """Which reference a checkout holds: RepDistiller, mdistiller or one of its FORKS, or torchdistill."""
+    """Which reference a checkout holds: RepDistiller or one of its REPDISTILLER_FORKS, mdistiller or one
+    of its FORKS, torchdistill, or cls_KD."""
     if os.path.isdir(os.path.join(reference, 'torchdistill', 'core')):
         return 'torchdistill'
+    if os.path.isfile(os.path.join(reference, 'mmcls', 'models', 'classifiers', 'distiller.py')):
+        return 'cls_KD'
     cfg = os.path.join(reference, 'mdistiller', 'engine', 'cfg.py')
     if not os.path.isfile(cfg):
-        return 'RepDistiller'
+        return next((name for name, fork in REPDISTILLER_FORKS.items()
+                     if os.path.isfile(os.path.join(reference, fork.mark))), 'RepDistiller')
     with open(cfg) as f:
         text = f.read()
-    return next((fork for fork, mark in FORKS.items() if mark in text), 'mdistiller')
+    return next((fork for fork, mark in FORKS.items()
+                 if mark in text or os.path.isfile(os.path.join(reference, mark))), 'mdistiller')
 
 
 def main(argv=None):
     global TEACHER, STUDENT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--reference', required=True,
-                   help="a checkout of a reference's code: RepDistiller, mdistiller (or its logit-standardisation "
-                        'fork) or torchdistill')
+                   help="a checkout of a reference's code: RepDistiller (or a fork of it: CTKD, TTM), mdistiller (or "
+                        "its logit-standardisation fork), torchdistill or cls_KD")
     p.add_argument('--method', default='all', help='a benchmark column (kd, at, vid ...), or all')
     p.add_argument('--steps', default=5, type=int)
     p.add_argument('--commit', default='', help="the reference's commit (default: git rev-parse HEAD in --reference)")

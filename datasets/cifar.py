@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datasets.strong_view import strong_view
 from engine import distributed
 from engine.errors import UserError
 
@@ -310,11 +311,16 @@ class Loader:
     generator seeded by (seed, epoch): an epoch's batches depend only on its number, so a
     resumed run sees the same data as an uninterrupted one. Under torchrun every process draws
     the same global batch and keeps its own slice of it. Batches come in the memory layout the
-    step computes in (channels_last or NCHW), so none is converted twice."""
+    step computes in (channels_last or NCHW), so none is converted twice.
+
+    With `strong_view` (a method reads it: methods.base.Method.reads), each training batch also
+    carries a strongly augmented view of the same images as a fifth element (datasets/strong_view.py),
+    drawn from a generator of its own seeded by (seed, epoch, batch): the batches, and so the runs
+    that do not read it, are those of a loader without it."""
 
     def __init__(self, images, labels, batch_size, train, pad=4, seed=0, dtype=torch.float32,
-                 channels_last=False, padding='reflect', normalization='cifar10', augment=True):
-        self.images, self.labels, self.augment = images, labels, augment
+                 channels_last=False, padding='reflect', normalization='cifar10', augment=True, strong_view=False):
+        self.images, self.labels, self.augment, self.strong_view = images, labels, augment, strong_view
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
         self.dtype, self.channels_last, self.padding = dtype, channels_last, padding
         dev = images.device
@@ -349,4 +355,16 @@ class Loader:
             x, y, index = distributed.shard(x), distributed.shard(self.labels[idx]), distributed.shard(index)
             # The crop's gather leaves the batch NHWC in memory; the reference path computes NCHW.
             x = x.contiguous(memory_format=layout)
-            yield (x.to(self.dtype) - self.mean) / self.std, y, share, index
+            if not (self.train and self.strong_view):
+                yield (x.to(self.dtype) - self.mean) / self.std, y, share, index
+                continue
+            strong = distributed.shard(strong_view(self.images[idx], self.pad if self.augment else None,
+                                                   self.strong_generator(b), self.padding))
+            yield ((x.to(self.dtype) - self.mean) / self.std, y, share, index,
+                   (strong.contiguous(memory_format=layout).to(self.dtype) - self.mean) / self.std)
+
+    def strong_generator(self, b):
+        """The generator of batch b's strong view in this epoch: seeded apart from the batches' own
+        (seeds from 2**63 up, theirs far below), and per batch, so that a skipped batch draws nothing."""
+        gen = torch.Generator(self.images.device)
+        return gen.manual_seed((1 << 63) + ((self.seed * 100003 + self.epoch) * 1000003 + b) % (1 << 63))

@@ -147,12 +147,15 @@ def check_options(opt, rules, teacher_flag):
                         'pip install tensorboard, or use --tensorboard auto or off')
     if opt.cohort:
         member_runs(opt, rules, teacher_flag)
+    else:
+        check_members([opt], cohort=False)
 
 
 def member_runs(opt, rules, teacher_flag):
     """The option namespace of each run this command trains, each checked with the script's
     rules, its init stage settled. Seeds may still be None here (drawn later)."""
     if not opt.cohort:
+        check_members([opt], cohort=False)
         return [resolve_init_stage(opt)]
     if opt.compile_mode == 'reduce-overhead':
         raise UserError('--compile_mode reduce-overhead records CUDA graphs for one run; use '
@@ -181,6 +184,7 @@ def member_runs(opt, rules, teacher_flag):
         except UserError as e:
             raise UserError(f'--cohort member {name!r}: {e}') from None
         runs.append(resolve_init_stage(run))
+    check_members(runs)
     # Members share one teacher: one in training mode would move the statistics of everyone's.
     training = [os.path.basename(run.save) for run in runs if methods.teacher_trains(run)]
     if training and len(training) < len(runs):
@@ -188,6 +192,18 @@ def member_runs(opt, rules, teacher_flag):
                         f'reference does, which moves the running statistics of the teacher every member shares; '
                         f'ask it of every member or of none, or train that member in a run of its own')
     return runs
+
+
+def check_members(runs, cohort=True):
+    """What each run's methods need of the cohort's other members (Method.refuse_members: a peer
+    to learn from, say); a single run (cohort False) has none."""
+    for run in runs:
+        others = [other for other in runs if other is not run] if cohort else None
+        try:
+            for m in methods.all_methods():
+                m.refuse_members(run, others)
+        except UserError as e:
+            raise UserError(f'--cohort member {os.path.basename(run.save)!r}: {e}' if cohort else str(e)) from None
 
 
 def check_run_dir(run):

@@ -45,17 +45,23 @@ class Objective:
         self.pooled = self.has_teacher and 'pooled' in reads
         self.preact = self.has_teacher and 'preact' in reads
         self.stem = self.has_teacher and 'stem' in reads
+        self.feature_map = self.has_teacher and 'feature_map' in reads
         self.teacher_training = self.has_teacher and methods.teacher_trains(opt)
         self.teacher_gradient = 'teacher_input_gradient' in reads
         self.double_backward = 'input_gradient' in reads
+        # Its training batches carry a strongly augmented second view (datasets/strong_view.py).
+        self.strong_view = 'strong_view' in reads
         self.compiles = not self.double_backward and all(m.compiles for m in self.methods)
         self.shares_forward = not any(m.own_forward for m in self.methods)
+        # Terms that read the cohort's other members: computed once every member's forward has run.
+        self.peer_methods = [m for m in self.methods if 'peers' in m.reads]
         # Resolved by options.resolve_init_stage; a namespace built otherwise has no init stage.
         self.init_stage = bool(getattr(opt, 'init_epochs', None))
         self.n_groups = None  # known once add_parts has looked at the networks
         self.state = {}  # what methods keep for this run besides parameters
         self.replicas = {}  # --ngpu: copies of tensors without gradient on the other GPUs
         self.step = 0  # the global step being trained (set by the training step)
+        self.epoch = 1  # the 1-based epoch of the stage being trained (set by the training loop)
 
     # -- the networks ----------------------------------------------------------------------------
 
@@ -65,24 +71,26 @@ class Objective:
             return params
         return {k: v for k, v in params.items() if k.startswith(prefix) and not k.startswith('aux.')}
 
-    def asked(self, pooled, preact, stem=False):
-        """The keyword arguments that ask a network for its pooled feature, pre-ReLU groups or stem
-        output (each asks for the ones before it too): none when none is needed, so that networks
-        without them (the ImageNet ones take no preact) run as ever."""
+    def asked(self, pooled, preact, stem=False, feature_map=False):
+        """The keyword arguments that ask a network for its pooled feature, pre-ReLU groups, stem
+        output or unpooled feature map (each asks for the ones before it too): none when none is
+        needed, so that networks without them (the ImageNet ones take no preact) run as ever."""
+        if feature_map:
+            return {'feature_map': True}
         return {'stem': True} if stem else {'preact': True} if preact else {'pooled': True} if pooled else {}
 
     def student(self, x, params, mode):
-        asked = self.asked(self.pooled, self.preact, self.stem)
+        asked = self.asked(self.pooled, self.preact, self.stem, self.feature_map)
         return Outputs(*data_parallel(lambda x, p, m: self.f_s(x, p, m, self.prefix, **asked), x,
                                       self.network(params, self.prefix), mode, range(self.opt.ngpu), self.replicas))
 
-    def teacher(self, x, params, pooled, preact, stem, training=False):
-        asked = {**self.asked(pooled, preact, stem), **({'training': True} if training else {})}
+    def teacher(self, x, params, pooled, preact, stem, training=False, feature_map=False):
+        asked = {**self.asked(pooled, preact, stem, feature_map), **({'training': True} if training else {})}
         return Outputs(*data_parallel(lambda x, p, m: self.f_t(x, p, 'teacher.', **asked), x,
                                       self.network(params, 'teacher.'), False, range(self.opt.ngpu), self.replicas))
 
     def teacher_outputs(self, x, y, params, input_gradient_too=False, pooled=None, preact=None, stem=None,
-                        training=None):
+                        training=None, feature_map=None):
         """The teacher's Outputs: computed once per batch and shared by every student that learns
         from it (a cohort), so `pooled`, `preact` and `stem` (default: whether this run needs them)
         are asked for if any of them does. `training` (default: whether this run's method asks for
@@ -90,26 +98,31 @@ class Objective:
         pooled = self.pooled if pooled is None else pooled
         preact = self.preact if preact is None else preact
         stem = self.stem if stem is None else stem
+        feature_map = self.feature_map if feature_map is None else feature_map
         training = self.teacher_training if training is None else training
         if not input_gradient_too:
             with torch.no_grad():
-                return self.teacher(x, params, pooled, preact, stem, training)
+                return self.teacher(x, params, pooled, preact, stem, training, feature_map)
         x_t = x.detach().requires_grad_()
         with torch.enable_grad():
-            t = self.teacher(x_t, params, pooled, preact, stem, training)
+            t = self.teacher(x_t, params, pooled, preact, stem, training, feature_map)
             j_t = input_gradient(t.logits, y, x_t)
         return Outputs(t.logits.detach(), [g.detach() for g in t.groups],
                        None if t.pooled is None else t.pooled.detach(),
                        None if t.preact is None else [p.detach() for p in t.preact],
-                       None if t.stem is None else t.stem.detach(), j_t)
+                       None if t.stem is None else t.stem.detach(),
+                       None if t.feature_map is None else t.feature_map.detach(), j_t)
 
     # -- the terms -------------------------------------------------------------------------------
 
-    def __call__(self, x, y, params, mode, teacher=None, index=None, stage='main'):
+    def __call__(self, x, y, params, mode, teacher=None, index=None, stage='main', strong=None):
         """(student logits, {term name: unweighted value}). `teacher` holds teacher_outputs() of
         this batch, computed here when not given; `index` the batch's positions in the training
         set. Training-only terms are left out when mode is False. `stage` 'init' gives the
-        init-stage terms instead (and None for the logits where the student does not run)."""
+        init-stage terms instead (and None for the logits where the student does not run).
+        `strong`, for a run that reads the strong view in a training step: (its images, the
+        teacher's Outputs on them or None to compute them here); the student runs on it after
+        the batch itself, as the reference runs it, moving its batch-norm statistics twice."""
         if stage == 'init':
             return self.init_terms(x, y, params, teacher)
         if mode and self.double_backward:
@@ -120,11 +133,31 @@ class Objective:
             t = teacher if teacher is not None else self.teacher_outputs(
                 x, y, params, mode and self.teacher_gradient, training=bool(mode) and self.teacher_training)
         b = Batch(self, x, y, params, mode, s, t, index)
+        if mode and self.strong_view:
+            if strong is None:
+                raise ValueError('this run reads a strong view of each batch, and none came with it: build the '
+                                 'training Loader with strong_view=True')
+            b.x_strong, t_strong = strong
+            b.s_strong = self.student(b.x_strong, params, mode)
+            if self.has_teacher:
+                b.t_strong = t_strong if t_strong is not None else self.teacher_outputs(b.x_strong, y, params)
         terms = {}
         for m in self.methods:
-            if mode or not m.training_only:
+            if (mode or not m.training_only) and m not in self.peer_methods:
                 terms.update(m.terms(b))
         return s.logits, terms
+
+    def with_peer_terms(self, terms, y, logits, peers):
+        """The terms of a main-stage training step, `terms` (what __call__ gave) with those of the
+        methods that read the cohort's other members, in term_names' order. They are computed
+        from this run's differentiable `logits` and `peers` (methods.base.Peer: every other member
+        taking the step, its options and detached logits) once every member's forward has run, so
+        that each member reads the others' predictions from before anyone's update."""
+        b = Batch(self, None, y, None, True, Outputs(logits, None), None, None)
+        b.peers = peers
+        for m in self.peer_methods:
+            terms = {**terms, **m.terms(b)}
+        return {n: terms[n] for n in self.term_names() if n in terms}
 
     def init_terms(self, x, y, params, teacher):
         """An init-stage step (RepDistiller's helper/pretrain.py): the init terms of the methods
@@ -170,7 +203,7 @@ class Objective:
         def blank(prefix):  # in the network's dtype: a --student_params file keeps its own until the run casts
             dtype = next(v.dtype for k, v in params.items() if k.startswith(prefix) and v.is_floating_point())
             return torch.zeros(1, 3, image_size, image_size, dtype=dtype)
-        asked = self.asked(self.pooled, self.preact, self.stem)
+        asked = self.asked(self.pooled, self.preact, self.stem, self.feature_map)
         with torch.no_grad():
             s = Outputs(*self.f_s(blank(self.prefix), params, False, self.prefix, **asked))
             t = Outputs(*self.f_t(blank('teacher.'), params, 'teacher.', **asked)) if self.has_teacher else None
@@ -186,25 +219,49 @@ class Objective:
             for k, v in own.items():
                 v.requires_grad_(v.requires_grad and k.rsplit('.', 1)[-1] not in m.buffers)
             parts.update(own)
-        return {**params, **parts}
+        # Student tensors a method's reference network lacks (CAT-KD's bias-free classifier) stay zero, untrained.
+        held = {self.prefix + n: torch.zeros_like(params[self.prefix + n]) for m in self.methods
+                for n in m.held_at_zero(self.opt)}
+        return {**params, **held, **parts}
 
 
 class Batch:
     """What a method's terms read of one batch: the run's options and parameters, the images and
     labels, the student's and the teacher's Outputs (`s`, `t`; `t` None without a teacher, `s`
     None in an init step that does not run the student), the images' positions in the training
-    set (`index`), the run's global step and per-run state (`run`: the Objective)."""
+    set (`index`), the run's global step, epoch and per-run state (`run`: the Objective), and the
+    temperature of its logit-matching terms. For the terms of methods that read the cohort's other
+    members (Objective.with_peer_terms), `peers` holds them and `s` the student's logits alone."""
 
     def __init__(self, run, x, y, params, mode, s, t, index):
         self.run, self.opt = run, run.opt
         self.x, self.y, self.params, self.mode, self.s, self.t, self.index = x, y, params, mode, s, t, index
         self.j_s = None
+        self.peers = None
+        self.x_strong = self.s_strong = self.t_strong = None  # the strong view, for a run that reads it
+        self._temperature = None
 
     @property
     def step(self):
         """Read only by the methods that need it: a compiled forward that read it would be
         recompiled at every step."""
         return self.run.step
+
+    @property
+    def epoch(self):
+        """The 1-based epoch of the stage; read only by the methods that need it, as `step` (a
+        compiled forward that read it would be recompiled at every epoch)."""
+        return self.run.epoch
+
+    @property
+    def temperature(self):
+        """The temperature of the logit-matching terms (KD's, DKD's): the one a method of the run
+        learns (Method.temperature), else --temperature; computed once per batch and shared by
+        every term that reads it."""
+        if self._temperature is None:
+            learned = (m.temperature(self) for m in self.run.methods)
+            self._temperature = next((t for t in learned if t is not None), self.opt.temperature)
+        return self._temperature
 
     def student_input_gradient(self):
         """J_s = dCE/dx of the student, differentiable (it trains the student: double backprop);

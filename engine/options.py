@@ -213,6 +213,11 @@ IMAGENET_RULES = {
                       'reads pre-ReLU group outputs, which the ImageNet ResNets do not hand out',
                       'leave it at 0 with imagenet.py (cifar.py networks have them)')
        for m in methods.all_methods() if 'preact' in m.reads},
+    # Its loader decodes each image once, in worker processes, with no second view.
+    **{m.weight: Rule(NUMBER, lambda v: v == 0,
+                      'trains on a strongly augmented second view of each batch, which imagenet.py does not make',
+                      'leave it at 0 with imagenet.py (cifar.py makes the view)')
+       for m in methods.all_methods() if 'strong_view' in m.reads},
 }
 
 

@@ -41,6 +41,7 @@ from engine.meters import shown_loss
 from engine.objective import kind
 from engine.options import epoch_steps
 from engine.stopping import WRITE_FAILED, SignalStop, resume_flags, standing_checkpoints, write_failure
+from methods.base import Peer
 from utils import parameter_counts, print_tensor_dict
 
 # ----------------------------------------------------------------------------------------------
@@ -49,13 +50,16 @@ from utils import parameter_counts, print_tensor_dict
 def make_steps(members, speed):
     """The training and evaluation steps over all runs: the teacher's forward once per batch,
     then each run's forward (fp32, or bf16 under autocast when training; compiled or not)
-    giving its loss terms, their weighted sum, and outputs for its meters. Nothing here reads a
-    value back to the host."""
+    giving its loss terms, their weighted sum, and outputs for its meters. A run whose method
+    reads the cohort's other members (methods.base.Peer) takes its backward once every member's
+    forward has run: its terms read their logits of this step, from before anyone's update, and
+    are computed eagerly beside a compiled forward. Nothing here reads a value back to the host."""
     first = members[0].objective
     teacher_gradient = any(m.objective.teacher_gradient for m in members)
     teacher_pooled = any(m.objective.pooled for m in members)  # one teacher forward serves them all
     teacher_preact = any(m.objective.preact for m in members)
     teacher_stem = any(m.objective.stem for m in members)
+    teacher_feature_map = any(m.objective.feature_map for m in members)
     teacher_training = members[0].objective.teacher_training  # the same for all (cohort.member_runs)
 
     def autocast(mode):
@@ -65,7 +69,7 @@ def make_steps(members, speed):
     def teacher_forward(params, x, y, mode):
         with autocast(mode):
             return first.teacher_outputs(x, y, params, mode and teacher_gradient, teacher_pooled, teacher_preact,
-                                       teacher_stem, bool(mode) and teacher_training)
+                                       teacher_stem, bool(mode) and teacher_training, teacher_feature_map)
 
     def compiled(f, can):
         return torch.compile(f, dynamic=False, mode=speed.compile_mode) if speed.compile and can else f
@@ -96,15 +100,19 @@ def make_steps(members, speed):
     def train_step(engine, batch):
         # share: this process's fraction of the global batch (1 without torchrun); index: the
         # images' positions in the training set
-        x, y, share, index = batch
+        x, y, share, index, *strong = batch  # a fifth element: the strong view, for the runs that read it
         x = layout(x)
         active = [m for m in members if m.trains_at(engine.state.iteration)]
         for m in members:
             m.objective.step = m.own(engine.state.iteration)  # a method may draw from (seed, step)
         teacher = teacher_forward(active[0].params, x, y, True) if teacher_forward else None
+        strong_view = None
+        if strong and any(m.objective.strong_view and m.stage == 'main' for m in active):
+            x_strong = layout(strong[0])  # and the teacher's forward on it, once for every run that reads it
+            strong_view = (x_strong, teacher_forward(active[0].params, x_strong, y, True) if teacher_forward else None)
         outputs = {}
-        for m in active:
-            y_s, terms = m.forward(m.params, x, y, True, teacher, index=index, stage=m.stage)
+
+        def learn(m, y_s, terms):
             loss = m.weighted_sum(terms)
             m.optimizer.zero_grad(set_to_none=True)
             (loss * share if share != 1 else loss).backward()
@@ -114,6 +122,21 @@ def make_steps(members, speed):
             outputs[m] = {'loss': loss.detach(), 'y_pred': None if y_s is None else y_s.detach(), 'y': y,
                           'share': share,
                           'terms': {n: v.detach() for n, v in terms.items()}}
+
+        logits, waiting = {}, []
+        for m in active:
+            reads_strong = m.objective.strong_view and m.stage == 'main'
+            y_s, terms = m.forward(m.params, x, y, True, teacher, index=index, stage=m.stage,
+                                   **({'strong': strong_view} if reads_strong else {}))
+            if m.stage == 'main':
+                logits[m] = y_s.detach()
+            if m.stage == 'main' and m.objective.peer_methods:
+                waiting.append((m, y_s, terms))  # its terms read the others' logits of this step: all of them first
+            else:
+                learn(m, y_s, terms)
+        for m, y_s, terms in waiting:  # every member still at its parameters of before this step
+            peers = [Peer(p.opt, z) for p, z in logits.items() if p is not m]
+            learn(m, y_s, m.objective.with_peer_terms(terms, y, y_s, peers))
         distributed.reduce_gradients_([p for m in active for p in m.trainable])  # one all-reduce
         for m in active:
             m.optimizer.step()
@@ -145,9 +168,9 @@ def forward_options(opt):
 
 
 def student_forward(objective, autocast):
-    def forward(params, x, y, mode, teacher, index=None, stage='main'):
+    def forward(params, x, y, mode, teacher, index=None, stage='main', strong=None):
         with autocast(mode):
-            return objective(x, y, params, mode, teacher, index=index, stage=stage)
+            return objective(x, y, params, mode, teacher, index=index, stage=stage, strong=strong)
     return forward
 
 
@@ -219,6 +242,7 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
             if not m.enter_epoch(epoch):
                 continue
             fresh = iteration % n == 0 and m.start_iteration <= m.own(iteration)  # not a resumed epoch
+            m.objective.epoch = m.stage_epoch  # for a schedule that a method applies inside its forward
             if m.stage == 'init':
                 lr = m.opt.init_lr  # constant, as RepDistiller's init stage
                 m.weights = m.objective.weights(m.stage_epoch, epoch_step, stage='init')

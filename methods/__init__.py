@@ -141,6 +141,11 @@ def double_backward(o):
     return any(on(o, m) for m in all_methods() if 'input_gradient' in m.reads)
 
 
+def strong_view(o):
+    """Whether a run with options `o` reads a strongly augmented second view of each training batch."""
+    return any(on(o, m) for m in all_methods() if 'strong_view' in m.reads)
+
+
 def defaults():
     return argparse.Namespace(**{f.name: f.default for f in flags()})
 
@@ -182,7 +187,7 @@ def probe(teacher, student, num_classes=100, image_size=32):
     f_t, p_t = zoo.network(teacher, num_classes)
     x = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():
-        s, t = Outputs(*f_s(x, p_s, False, stem=True)), Outputs(*f_t(x, p_t, False, stem=True))
+        s, t = Outputs(*f_s(x, p_s, False, feature_map=True)), Outputs(*f_t(x, p_t, False, feature_map=True))
     return Nets(s, t, f_t, {'teacher.' + k: v for k, v in p_t.items()})
 
 

@@ -15,8 +15,11 @@ import json
 import methods
 
 READS = {'pooled': 'the pooled feature', 'preact': 'the pre-ReLU groups', 'stem': "the stem's output",
+         'feature_map': "the classifier's unpooled map",
          'input_gradient': "the student's input "
-         'gradient', 'teacher_input_gradient': "the teacher's input gradient"}
+         'gradient', 'teacher_input_gradient': "the teacher's input gradient",
+         'peers': "the logits of the cohort's other members",
+         'strong_view': 'a strongly augmented view of each batch'}
 STAGES = {'trains': '; trains in the init stage', 'parts': '; prepares its parts in the init stage'}
 
 

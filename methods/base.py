@@ -94,6 +94,7 @@ class Outputs(NamedTuple):
     pooled: torch.Tensor = None
     preact: list = None
     stem: torch.Tensor = None
+    feature_map: torch.Tensor = None  # the (B, C, H, W) map whose global average is `pooled`
     input_gradient: torch.Tensor = None
 
 
@@ -107,6 +108,14 @@ class Nets(NamedTuple):
     f_t: object = None
     params: dict = None
     train_labels: torch.Tensor = None
+
+
+class Peer(NamedTuple):
+    """Another member of the cohort on this training step's batch, for a method that reads
+    'peers': its options and its logits of this step, detached (computed before any member's
+    update)."""
+    opt: object
+    logits: torch.Tensor
 
 
 class Reference(NamedTuple):
@@ -143,8 +152,14 @@ class Method:
     teacher = True  # it compares the student with a teacher (its weights need one)
     # What it reads of the networks besides logits and groups: 'pooled' (the feature the classifier
     # reads), 'preact' (the groups before their ReLUs, and the pooled feature), 'stem' (the output
-    # of the layers before the first group, and all of the above), 'input_gradient'
-    # (the student's, differentiated twice), 'teacher_input_gradient'.
+    # of the layers before the first group, and all of the above), 'feature_map' (the map whose global
+    # average the classifier reads, and all of the above), 'input_gradient'
+    # (the student's, differentiated twice), 'teacher_input_gradient', 'peers' (the logits of the
+    # cohort's other members on the same batch, as Peer: its terms are computed in training steps
+    # once every member's forward has run, outside the compiled forward, from the student's logits
+    # alone), 'strong_view' (in training steps, a strongly augmented second view of the batch,
+    # datasets/strong_view.py: its images and both networks' Outputs on it, Batch.x_strong, s_strong,
+    # t_strong; the loader makes it for the runs that read it, cifar.py only).
     reads = ()
     per_group = False  # one term per group pair
     training_only = False  # its terms are left out of evaluation
@@ -170,6 +185,11 @@ class Method:
         """Raises a UserError for options of this method that cannot train together; `context` says
         whether the run has a teacher and runs under torchrun (options.check_transfer_options)."""
 
+    def refuse_members(self, o, others):
+        """Raises a UserError if a run with options `o` cannot train beside the other members of its
+        cohort (`others`, their options; None: a single run), before anything is written
+        (cohort.member_runs)."""
+
     def teacher_trains(self, o):
         """Whether a run with options `o` runs its teacher in training mode (batch statistics, its
         running statistics moving), as a reference does; the teacher is never trained by gradient."""
@@ -184,6 +204,11 @@ class Method:
         """{name: tensor or nested dict} of its learned parts under 'aux.', built from `nets`
         (the networks' outputs on one blank image); refuses a pair it cannot compare."""
         return {}
+
+    def held_at_zero(self, o):
+        """Names of the student's tensors ('fc.bias') that a run with options `o` holds at zero,
+        untrained: what the network its reference trains does not have."""
+        return ()
 
     # -- loss terms ------------------------------------------------------------------------------
 
@@ -201,6 +226,16 @@ class Method:
 
     def init_terms(self, b):
         return {}
+
+    def temperature(self, b):
+        """The temperature it learns for the run's logit-matching terms on batch `b` (as a tensor
+        that carries the gradient it wants), or None: they then take --temperature. The terms read
+        it as b.temperature (objective.Batch)."""
+        return None
+
+    def uses_temperature(self, o):
+        """Whether a run with options `o` computes terms at b.temperature."""
+        return False
 
     def weights(self, o, epoch, epoch_step, stage):
         """{kind: weight} in 1-based `epoch` of `stage`."""

@@ -4,10 +4,10 @@
 
 TCKD the KL between the binary (target class, all others) distributions of teacher and student,
 NCKD the KL between their distributions over the non-target classes alone, both at --temperature
-and averaged over the batch; --logit_stand z-scores both logits first. DKD's own alpha and beta
-are --dkd_alpha and --dkd_nckd (--dkd_beta is the term's weight, as every method's). mdistiller's
-CIFAR-100 settings: weight 1 beside cross-entropy 1, T 4, warm-up 20 epochs, beta 8 or its per-pair
-value.
+(with --ctkd, a learned one) and averaged over the batch; --logit_stand z-scores both logits first.
+DKD's own alpha and beta are --dkd_alpha and --dkd_nckd (--dkd_beta is the term's weight, as every
+method's). mdistiller's CIFAR-100 settings: weight 1 beside cross-entropy 1, T 4, warm-up 20
+epochs, beta 8 or its per-pair value.
 """
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,10 @@ class DKD(Method):
     def terms(self, b):
         o = b.opt
         return {'dkd': dkd_loss(at_least_fp32(b.s.logits), at_least_fp32(b.t.logits), b.y, o.dkd_alpha, o.dkd_nckd,
-                                o.temperature, standardize=o.logit_stand)}
+                                b.temperature, standardize=o.logit_stand)}
+
+    def uses_temperature(self, o):
+        return True  # whenever it is on
 
     def weights(self, o, epoch, epoch_step, stage):
         return {'dkd': warmed_up(o.dkd_beta, o.dkd_warmup, epoch)}

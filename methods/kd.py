@@ -11,6 +11,7 @@ beside the cross-entropy, weighed by `--ce_weight` (1): CRD+KD weighs them so (R
 in DKD; its authors train KD with it as 0.1 * CE + 9 * KD at T 2 (`--ce_weight 0.1 --kd_beta 9
 --temperature 2 --logit_stand`, their configuration's CE_WEIGHT and KD_WEIGHT and their script's
 --kd-weight 9 --base-temp 2).
+With --ctkd (methods/ctkd.py) T is a learned temperature instead of --temperature.
 """
 import torch.nn.functional as F
 
@@ -97,11 +98,14 @@ class KD(Method):
         o, y_s = b.opt, at_least_fp32(b.s.logits)
         if b.t is None:
             return {'cross_entropy': F.cross_entropy(y_s, b.y)}
-        y_t = at_least_fp32(b.t.logits)
-        terms = {'distillation': distillation(y_s, y_t, b.y, o.temperature, o.alpha, standardize=o.logit_stand)}
+        y_t, T = at_least_fp32(b.t.logits), b.temperature  # --temperature, or a learned one (CTKD)
+        terms = {'distillation': distillation(y_s, y_t, b.y, T, o.alpha, standardize=o.logit_stand)}
         if o.kd_beta:  # KD alone (alpha 1)
-            terms['kd'] = distillation(y_s, y_t, b.y, o.temperature, 1.0, standardize=o.logit_stand)
+            terms['kd'] = distillation(y_s, y_t, b.y, T, 1.0, standardize=o.logit_stand)
         return terms
+
+    def uses_temperature(self, o):
+        return bool(o.alpha or o.kd_beta)
 
     def weights(self, o, epoch, epoch_step, stage):
         # With --alpha 0 (which a --ce_weight other than 1 needs) the distillation term is the cross-entropy.

@@ -44,7 +44,7 @@ def resnet(depth, widen, num_classes):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem),
         **groups, 'fc': linear_params(widths[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         o = F.conv2d(x, params[base + 'conv0'], padding=1)
         o = s0 = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs, preacts = [], []
@@ -54,10 +54,10 @@ def resnet(depth, widen, num_classes):
                 o = F.relu(sum_)
             outputs.append(o)
             preacts.append(sum_)
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        if stem:
-            return logits, tuple(outputs), o, tuple(preacts), s0
+        if stem or feature_map:
+            return (logits, tuple(outputs), o, tuple(preacts), s0) + ((m,) if feature_map else ())
         if preact:
             return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))

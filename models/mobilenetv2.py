@@ -59,7 +59,7 @@ def mobilenetv2(num_classes, width=0.5):
         'conv0': conv_params(3, stem, 3), 'bn0': bnparams(stem), **groups,
         'conv1': conv_params(ni, last, 1), 'bn1': bnparams(last), 'fc': linear_params(last, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         o = F.conv2d(x, params[base + 'conv0'], stride=2, padding=1)
         o = s0 = F.relu(batch_norm(o, params, base + 'bn0', mode))
         outputs = {}
@@ -68,11 +68,11 @@ def mobilenetv2(num_classes, width=0.5):
             o = o + y if residual else y
             outputs[s] = o
         o = F.relu(head_batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
         groups = tuple(outputs[s] for s in GROUPS)
-        if stem:
-            return logits, groups, o, groups, s0
+        if stem or feature_map:
+            return (logits, groups, o, groups, s0) + ((m,) if feature_map else ())
         if preact:
             return logits, groups, o, groups
         return (logits, groups, o) if pooled else (logits, groups)

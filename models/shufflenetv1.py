@@ -48,16 +48,16 @@ def shufflenetv1(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         o = s0 = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
         outputs, preacts = [None] * len(BLOCKS), [None] * len(BLOCKS)
         for g, i, g_in in units:
             preacts[g] = shuffle_unit(o, params, f'{base}group{g}.block{i}.', mode, 2 if i == 0 else 1, g_in)
             o = outputs[g] = F.relu(preacts[g])
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        if stem:
-            return logits, tuple(outputs), o, tuple(preacts), s0
+        if stem or feature_map:
+            return (logits, tuple(outputs), o, tuple(preacts), s0) + ((m,) if feature_map else ())
         if preact:
             return logits, tuple(outputs), o, tuple(preacts)
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))

@@ -51,7 +51,7 @@ def shufflenetv2(num_classes):
         'conv0': conv_params(3, 24, 1), 'bn0': bnparams(24), **groups,
         'conv1': conv_params(ni, LAST, 1), 'bn1': bnparams(LAST), 'fc': linear_params(LAST, num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         o = s0 = F.relu(batch_norm(F.conv2d(x, params[base + 'conv0']), params, base + 'bn0', mode))
         outputs, halves = [], []
         for g, n in enumerate(BLOCKS):
@@ -61,11 +61,11 @@ def shufflenetv2(num_classes):
             outputs.append(o)
             halves.append(last)
         o = F.relu(head_batch_norm(F.conv2d(o, params[base + 'conv1']), params, base + 'bn1', mode))
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        preacts = tuple(torch.cat(h, 1) for h in halves) if preact or stem else None
-        if stem:
-            return logits, tuple(outputs), o, preacts, s0
+        preacts = tuple(torch.cat(h, 1) for h in halves) if preact or stem or feature_map else None
+        if stem or feature_map:
+            return (logits, tuple(outputs), o, preacts, s0) + ((m,) if feature_map else ())
         if preact:
             return logits, tuple(outputs), o, preacts
         return (logits, tuple(outputs), o) if pooled else (logits, tuple(outputs))

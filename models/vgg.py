@@ -40,7 +40,7 @@ def vgg(depth, num_classes):
         groups[f'group{g}'] = group
     params = set_requires_grad_except_bn_(flatten({**groups, 'fc': linear_params(WIDTHS[-1], num_classes)}))
 
-    def f(x, params, mode, base='', pooled=False, preact=False, stem=False):
+    def f(x, params, mode, base='', pooled=False, preact=False, stem=False, feature_map=False):
         # The CRD code pools after group 3 only for 64x64 input (Tiny ImageNet), so that there
         # too the last group runs at 4x4.
         pools = (True, True, True, x.shape[2] == 64, False)
@@ -55,10 +55,10 @@ def vgg(depth, num_classes):
             preacts.append(a)
             if pools[g]:
                 o = F.max_pool2d(o, 2)
-        o = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        m, o = o, F.adaptive_avg_pool2d(o, 1).flatten(1)
         logits = F.linear(o, params[base + 'fc.weight'], params[base + 'fc.bias'])
-        if stem:  # the first group, which the groups leave out
-            return logits, tuple(outputs[1:]), o, tuple(preacts[1:]), outputs[0]
+        if stem or feature_map:  # the first group, which the groups leave out
+            return (logits, tuple(outputs[1:]), o, tuple(preacts[1:]), outputs[0]) + ((m,) if feature_map else ())
         if preact:
             return logits, tuple(outputs[1:]), o, tuple(preacts[1:])
         return (logits, tuple(outputs[1:]), o) if pooled else (logits, tuple(outputs[1:]))

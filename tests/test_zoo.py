@@ -308,3 +308,20 @@ def test_mode_groups_trains_the_stem_and_groups_only_as_repdistillers_init_stage
         assert stems[h + '.weight'].grad is None and stems[h + '.bias'].grad is None
         assert not torch.equal(trained[h + '.running_mean'], params[h + '.running_mean'])  # training mode moves it
     assert all(stems[k].grad is not None for k in params if k.startswith('group') and stems[k].requires_grad)
+
+
+@pytest.mark.parametrize('arch', ONE_PER_FAMILY)
+def test_the_feature_map_is_the_map_whose_average_the_classifier_reads(arch):
+    """feature_map=True adds, sixth, the map the global pool averages (SDD and CAT-KD apply the
+    classifier to parts of it); the other outputs stay as stem=True gives them, in training mode too."""
+    f, params = zoo.network(arch, 10)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        *outputs, feature_map = f(x, params, True, feature_map=True)
+        stem = f(x, params, True, stem=True)
+    logits, feature = outputs[0], outputs[2]
+    torch.testing.assert_close(feature_map.mean((2, 3)), feature)
+    torch.testing.assert_close(F.linear(feature_map.mean((2, 3)), params['fc.weight'], params['fc.bias']), logits)
+    assert feature_map.shape[1] == params['fc.weight'].shape[1]
+    torch.testing.assert_close(outputs[0], stem[0])
+    torch.testing.assert_close(outputs[4], stem[4])

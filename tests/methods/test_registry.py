@@ -12,6 +12,7 @@ import methods
 from conftest import ROOT
 from engine.members import join_networks
 from engine.rules import check_option
+from methods.base import Peer
 from resnet import resnet
 
 METHODS = methods.all_methods()
@@ -60,6 +61,12 @@ def method_options(m):
     return options(**methods.for_training_set(example, 40), init_epochs=2 if m.init_stage else 0, seed=3)
 
 
+def test_no_flag_takes_the_name_of_a_log_field():
+    """A run's log line holds its options and its terms' meters (`<term>_loss`, `<term>_losses`) side
+    by side: a flag named like a meter would be overwritten by it, or overwrite it."""
+    assert not [f.name for f in methods.flags() if f.name.endswith(('_loss', '_losses'))]
+
+
 @pytest.mark.parametrize('m', METHODS, ids=lambda m: m.name)
 def test_each_method_computes_the_terms_it_declares_and_trains_its_parts(m):
     """In every stage it has, a method's terms are the ones it names, in that order, finite, and
@@ -78,7 +85,10 @@ def test_each_method_computes_the_terms_it_declares_and_trains_its_parts(m):
     assert stages
     for stage in stages:
         objective.step = 1
-        _, terms = objective(x, y, params, True, index=torch.arange(4), stage=stage)
+        strong = {'strong': (x.flip(3), None)} if 'strong_view' in m.reads else {}  # the teacher's computed there
+        logits, terms = objective(x, y, params, True, index=torch.arange(4), stage=stage, **strong)
+        if objective.peer_methods and stage == 'main':  # beside a peer of the same options
+            terms = objective.with_peer_terms(terms, y, logits, [Peer(opt, torch.randn_like(logits))])
         assert list(terms) == objective.term_names(stage=stage), stage
         names = m.term_names(opt, objective, stage)
         assert names and set(names) <= set(terms), stage
