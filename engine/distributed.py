@@ -115,9 +115,13 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, ep
 def reduce_gradients_(params):
     """Sums the processes' gradients in one all-reduce. Each process's loss was weighted by its
     `share` of the global batch, so the sum is the gradient of the global batch's mean loss."""
-    if not active():
+    reduce_([p.grad for p in params if p.grad is not None])
+
+
+def reduce_(grads):
+    """Sums each of the tensors `grads` over the processes, in place, in one all-reduce."""
+    if not active() or not grads:
         return
-    grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0

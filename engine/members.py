@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+import methods
 from engine import distributed
 from engine.checkpoint import (
     CHECKPOINT,
@@ -71,9 +72,10 @@ class Member:
         """Optimizer, meters and, when resuming, the checkpoint's state. Returns the iteration
         after which this run trains (0 for a new run)."""
         self.epoch_length = epoch_length
-        # One optimizer for both stages: SGD leaves alone what the stage gives no gradient.
-        self.optimizer = torch.optim.SGD(self.trainable, self.opt.lr, momentum=0.9,
-                                         weight_decay=self.opt.weight_decay, fused=fused or None)
+        # One optimizer for both stages: SGD leaves alone what the stage gives no gradient. A
+        # method may step its member otherwise (Method.optimizer: DOT).
+        self.optimizer = methods.optimizer(self.opt, self.trainable) or torch.optim.SGD(
+            self.trainable, self.opt.lr, momentum=0.9, weight_decay=self.opt.weight_decay, fused=fused or None)
         # Each stage has its own terms, so its own meters and divergence watch.
         self.meters = {'main': Meters(self.objective.term_names(), topk, device)}
         self.watches = {'main': NonFiniteWatch(device)}
@@ -124,9 +126,23 @@ class Member:
         self.train_meters, self.watch = self.meters[self.stage], self.watches[self.stage]
         return True
 
-    def weighted_sum(self, terms):
+    def weighted_terms(self, terms):
         # Terms of weight 0 (AT while only distilling, say) are logged but not differentiated.
-        return sum(self.weights[kind(n)] * v for n, v in terms.items() if self.weights[kind(n)])
+        return {n: self.weights[kind(n)] * v for n, v in terms.items() if self.weights[kind(n)]}
+
+    def weighted_sum(self, terms):
+        return sum(self.weighted_terms(terms).values())
+
+    def backward(self, terms, loss, share):
+        """The step's gradients of `loss`, the weighted sum of `terms`, times this process's `share`
+        of the batch; an optimizer that takes the terms' gradients apart (Method.optimizer) is
+        handed the terms instead."""
+        self.optimizer.zero_grad(set_to_none=True)
+        apart = getattr(self.optimizer, 'backward', None)
+        if apart is not None and self.stage == 'main':
+            apart(self.weighted_terms(terms), share)
+        else:
+            (loss * share if share != 1 else loss).backward()
 
     @property
     def checkpoint(self):

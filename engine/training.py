@@ -114,8 +114,7 @@ def make_steps(members, speed):
 
         def learn(m, y_s, terms):
             loss = m.weighted_sum(terms)
-            m.optimizer.zero_grad(set_to_none=True)
-            (loss * share if share != 1 else loss).backward()
+            m.backward(terms, loss, share)
             m.watch.update(m.own(engine.state.iteration), terms)
             # No .item() here: meters keep device tensors and are read once per epoch. An init
             # stage that trains only a method's own parts does not run the student (y_s None).

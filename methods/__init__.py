@@ -141,6 +141,12 @@ def double_backward(o):
     return any(on(o, m) for m in all_methods() if 'input_gradient' in m.reads)
 
 
+def optimizer(o, trainable):
+    """The optimizer a method of the run asks for (Method.optimizer), or None."""
+    return next((opt for m in all_methods() if on(o, m) for opt in [m.optimizer(o, trainable)] if opt is not None),
+                None)
+
+
 def strong_view(o):
     """Whether a run with options `o` reads a strongly augmented second view of each training batch."""
     return any(on(o, m) for m in all_methods() if 'strong_view' in m.reads)

@@ -241,6 +241,16 @@ class Method:
         """{kind: weight} in 1-based `epoch` of `stage`."""
         return {self.name: getattr(o, self.weight)}
 
+    # -- how its member steps --------------------------------------------------------------------
+
+    def optimizer(self, o, trainable):
+        """The optimizer of a run with options `o` over its `trainable` tensors, for a method that
+        changes how its member steps, or None: the suite's SGD (momentum 0.9, --lr, --weight_decay).
+        An optimizer with a method backward(weighted, scale) takes each training step's backward
+        itself: `weighted` the step's weighted terms by name, each to be multiplied by `scale` (the
+        process's share of the batch) before it is differentiated (methods/dot.py)."""
+        return None
+
     # -- benchmarks ------------------------------------------------------------------------------
 
     def columns(self, table, teacher, student):

@@ -3,7 +3,7 @@
 # (RepDistiller) runs it: the 13 teacher/student pairs of its tables, each pair's students as one
 # cohort (cifar.py --cohort) with every column of its table (student, KD, FitNet, AT, SP, CC,
 # VID, RKD, PKT, AB, FT, FSP, NST, CRD, CRD+KD) plus AT+KD, DKD, KD with logit standardisation,
-# OFD, ReviewKD, DIST, CTKD (+KD, +DKD), WTTM, NKD, SDD (-DKD, -KD), CAT-KD and MLKD (+LS), over $SEEDS,
+# OFD, ReviewKD, DIST, CTKD (+KD, +DKD), WTTM, NKD, SDD (-DKD, -KD), CAT-KD, MLKD (+LS) and KD+DOT, over $SEEDS,
 # trained in lock-step on the same batches with one teacher forward per batch. OFD runs where
 # the pair's groups have the same spatial sizes, FSP and KDSVD where they have equal widths: the
 # other pairs would be refused. RepDistiller's protocol: 240 epochs, batch 64, SGD (momentum 0.9) at lr 0.05 (0.01 for

@@ -64,6 +64,31 @@ def test_a_step_makes_only_the_collectives_its_arithmetic_needs(tmp_path):
     assert [r['share'] for r in results] == [5 / 9, 4 / 9]  # 9 samples: 5 on rank 0, 4 on rank 1
 
 
+def dot_steps(rank=0, world=1):
+    """Three KD+DOT steps (fp64) of a WRN-10 student on one global batch of 8, sharded over the
+    processes: the student's tensors after them."""
+    members, (train_step, _) = steps_of('--alpha', 0, '--kd_beta', 0.9, '--ce_weight', 0.1, '--dot_delta', 0.075,
+                                        '--dtype', 'double', teacher=True,
+                                        speed=cpu_speed(channels_last=False, fused=False))
+    g = torch.Generator().manual_seed(0)
+    for i in range(1, 4):
+        x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+        batch = (distributed.shard(x), distributed.shard(y), distributed.share(len(x)),
+                 distributed.shard(torch.arange(8)))
+        train_step(SimpleNamespace(state=SimpleNamespace(iteration=i)), batch)
+    return {k: v.flatten().tolist() for k, v in members[0].params.items() if k.startswith('student.')}
+
+
+def test_dot_steps_on_a_sharded_batch_as_on_the_whole(tmp_path):
+    """DOT sets the distillation gradient aside before the training step's all-reduce: it sums it
+    over the processes itself, so two processes on halves step as one on the whole batch."""
+    whole = dot_steps()
+    for r in spawn(dot_steps, tmp_path):
+        for k, v in whole.items():
+            got, want = torch.tensor(r[k], dtype=torch.float64), torch.tensor(v, dtype=torch.float64)
+            assert (got - want).norm() <= 1e-10 * max(want.norm(), 1e-6), k
+
+
 def diverge_on_rank_one(rank, world):
     watch = NonFiniteWatch('cpu')
     for step in range(1, 11):
