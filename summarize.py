@@ -54,6 +54,9 @@ def parse_args(argv=None):
                    help='run directories (holding log.txt), or folders of them such as logs/')
     p.add_argument('--plot', default='', metavar='FILE.png', help='draw test error against epoch')
     p.add_argument('--log_scale', action='store_true', help='logarithmic test-error axis')
+    p.add_argument('--paired', default='', metavar='RUN[,RUN]',
+                   help='also a table of every run against these runs (named by their folder, as a '
+                        "cohort's members are): the gain is their final error minus the run's")
     opt = p.parse_args(argv)
     if opt.plot and os.path.splitext(opt.plot)[1].lower() not in FIGURE_TYPES:
         raise UserError(f'--plot {opt.plot}: name a {", ".join(FIGURE_TYPES)} file')
@@ -260,6 +263,36 @@ def markdown_table(groups):
     return '\n'.join(lines)
 
 
+def paired_table(runs, names):
+    """Every run against the runs named (a cohort's members by folder name: same seed, so the
+    same initial weights and batches), sorted by final error. Positive gains are better."""
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(os.path.basename(os.path.normpath(run['dir'])), []).append(run)
+    for name in names:
+        if name not in by_name:
+            raise UserError(f'--paired {name}: no run folder of that name among the runs given '
+                            f'(there are: {", ".join(sorted(by_name))})')
+        if len(by_name[name]) > 1:
+            raise UserError(f'--paired {name}: {len(by_name[name])} runs have that folder name '
+                            f'({", ".join(r["dir"] for r in by_name[name])}); pass one cohort')
+    bases = [by_name[name][0] for name in names]
+    header = (['run', 'weights', 'seed', 'final error %']
+              + [f'gain over {name}' for name in names] + ['best error %'])
+    rows, ordered = [], sorted(runs, key=lambda r: r['errors'][-1])
+    for run in ordered:
+        final = run['errors'][-1]
+        gains = ['-' if base is run else f'{base["errors"][-1] - final:+.2f}' for base in bases]
+        o = run['options']
+        rows.append([os.path.basename(os.path.normpath(run['dir'])), method_weights(o),
+                     str(o.get('seed', '-')), fmt(final), *gains, fmt(min(run['errors']))])
+    lines = ['| ' + ' | '.join(r) + ' |' for r in [header, ['---'] * len(header)] + rows]
+    unfinished = [row[0] for row, run in zip(rows, ordered) if not run['finished']]
+    if unfinished:
+        lines += ['', f'unfinished (their latest epoch): {", ".join(unfinished)}']
+    return '\n'.join(lines)
+
+
 def legend_label(group, distinction):
     o = group[0]['options']
     teacher, weights = teacher_name(o), method_weights(o)
@@ -326,6 +359,9 @@ def main(argv=None):
         print(f'{os.path.basename(sys.argv[0])}: warning: {e}; {run_dir} left out', file=sys.stderr)
     groups = group_runs(runs)
     print(markdown_table(groups))
+    if opt.paired:
+        print()
+        print(paired_table(runs, [n for n in opt.paired.split(',') if n]))
     if opt.plot:
         plot_curves(groups, opt.plot, opt.log_scale)
         print(f'\ntest error curves written to {opt.plot}')

@@ -173,3 +173,29 @@ def test_the_benchmark_methods_at_their_defaults_group_with_runs_that_predate_th
 def test_image_counts_do_not_split_runs_logged_before_them_from_runs_that_log_them():
     before = {**OPTIONS, 'epoch': 3, 'test_acc': 90.0}
     assert summarize.configuration(before) == summarize.configuration({**before, 'n_train': 50000, 'n_test': 10000})
+
+
+def test_paired_table_gives_each_cohort_member_its_gain_over_the_members_named(tmp_path, monkeypatch, capsys):
+    write_log(tmp_path / 'cohort/student', ours([40.0, 33.0, 32.5], beta=0))
+    write_log(tmp_path / 'cohort/at', ours([35.0, 30.0, 29.0]))
+    write_log(tmp_path / 'cohort/kd', ours([38.0, 31.0], beta=0, alpha=0.9))  # one epoch to go
+    write_log(tmp_path / 'cohort/sp', ours([60.0, 50.0, 45.0], beta=0, sp_beta=3000.0))
+    monkeypatch.chdir(tmp_path)
+    summarize.main(['cohort', '--paired', 'student,at'])
+    out = capsys.readouterr().out
+    paired = table_rows(out[out.index('| run |'):])
+    assert [r['run'] for r in paired] == ['at', 'kd', 'student', 'sp']  # best first
+    gains = {r['run']: (r['gain over student'], r['gain over at']) for r in paired}
+    assert gains == {'at': ('+3.50', '-'), 'kd': ('+1.50', '-2.00'), 'student': ('-', '-3.50'),
+                     'sp': ('-12.50', '-16.00')}
+    assert next(r for r in paired if r['run'] == 'sp')['weights'] == 'sp_beta 3000'
+    assert 'unfinished (their latest epoch): kd' in out
+
+    for names, message in [('student,ab', '--paired ab: no run folder of that name'),
+                           ('student', '--paired student: 2 runs have that folder name')]:
+        write_log(tmp_path / 'other/student', ours([40.0, 33.0, 32.0], beta=0))
+        with pytest.raises(SystemExit) as stop:
+            summarize.main(['cohort', 'other', '--paired', names] if 'ab' not in names
+                           else ['cohort', '--paired', names])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
