@@ -29,9 +29,10 @@ from engine.run_lock import LOCK, lock_run_dir
 from engine.tensorboard_log import TB_DIR
 
 # What may differ between the members of a cohort: the loss (every flag of the transfer methods and
-# their init stage) and the initialisation. Everything else (architecture, teacher, data, schedule,
+# their init stage), the initialisation and the learning rate (methods' authors tune it with their
+# weights; its decays stay shared). Everything else (architecture, teacher, data, schedule,
 # precision) is shared.
-MEMBER_OPTIONS = ('seed', *(f.name for f in methods.flags()))
+MEMBER_OPTIONS = ('seed', 'lr', *(f.name for f in methods.flags()))
 # The cohort's list of members, kept in its folder when it starts: `--resume DIR` alone goes on with it.
 MEMBERS = 'members.json'
 # What a cohort's folder holds besides its members' folders.

@@ -246,7 +246,7 @@ def train(opt, members, train_loader, test_loader, *, num_classes, device, topk=
                 lr = m.opt.init_lr  # constant, as RepDistiller's init stage
                 m.weights = m.objective.weights(m.stage_epoch, epoch_step, stage='init')
             else:
-                lr = learning_rate(opt, m.stage_epoch, epoch_step)
+                lr = learning_rate(m.opt, m.stage_epoch, epoch_step)
                 m.weights = m.objective.weights(m.stage_epoch, epoch_step)
                 decay = m.stage_epoch in epoch_step and m.opt.momentum_at_decay == 'restart'
                 if fresh and (decay or m.stage_epoch == 1 and m.init_epochs):

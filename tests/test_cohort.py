@@ -16,9 +16,9 @@ from test_cifar import TINY, checkpoint, expect_user_error, fingerprint, log_lin
 from test_runs_survive import epochs_logged, start, wait_for_log_lines
 
 STUDENT = [*TINY, '--width', 0.5, '--epoch_step', '[2]', '--teacher_id', 'teacher']
-# student alone, AT, KD, AT+KD with decaying beta, F-ActT: each from its own seed
+# student alone, AT, KD (at a learning rate of its own), AT+KD with decaying beta, F-ActT: each from its own seed
 MEMBERS = [{'name': 'student', 'seed': 11}, {'name': 'at', 'seed': 12, 'beta': 1e3},
-           {'name': 'kd', 'seed': 13, 'alpha': 0.9, 'temperature': 2},
+           {'name': 'kd', 'seed': 13, 'alpha': 0.9, 'temperature': 2, 'lr': 0.03},
            {'name': 'at_kd', 'seed': 14, 'alpha': 0.9, 'beta': 1e3, 'beta_decay': 0.5},
            {'name': 'factt', 'seed': 15, 'factt_beta': 0.5}]
 
