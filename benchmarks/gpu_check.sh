@@ -53,9 +53,13 @@ stage() {  # stage NAME SECONDS command...: runs it for at most SECONDS or the b
 # ---------------------------------------------------------------------------------------------
 # Set-up: ignite from the carried wheel, the data once as CIFAR's python release (decoding the
 # JPEGs in every run would cost each run half a minute).
+# Into the interpreter's own environment where it can be written: the tests start cifar.py in
+# subprocesses with a PYTHONPATH of their own, which would not see a --target folder.
 if ! python3 -c 'import ignite' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl >> "$LOG" 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
 fi
 note "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
 note ""

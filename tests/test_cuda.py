@@ -87,7 +87,7 @@ def test_loader_on_the_gpu_covers_each_image_once_and_skips_to_the_tail():
     assert sorted(labels) == list(range(10)) and first[0][0].device == images.device
     assert first[0][0].is_contiguous(memory_format=torch.channels_last)
     again, tail = epoch(1), epoch(1, skip=1)
-    for (a, b, _), (c, d, _) in zip(first, again):
+    for (a, b, *_), (c, d, *_) in zip(first, again):
         assert torch.equal(a, c) and torch.equal(b, d)
     assert len(tail) == 2 and all(torch.equal(a[0], c[0]) for a, c in zip(first[1:], tail))
 
