@@ -6,9 +6,10 @@
 # Stages, each under `timeout` and given at most the time left of BUDGET seconds (default 420),
 # in order of what the figures in benchmarks/README.md need most: versions and GPU; the CUDA
 # tests; epochs on all 50,000 CIFAR-10 training images (WRN-16-2 teacher; WRN-16-1 AT student
-# on the default path, compiled, compiled with CUDA graphs and --reference; WRN-16-1 alone; a
-# 25-student cohort); the original pipeline's epoch on the same GPU; a profile of the step; the
-# whole test suite. A summary grows in $OUT/summary.md as stages finish; each stage's output goes
+# on the default path, compiled, compiled with CUDA graphs and --reference; WRN-16-1 alone; the
+# 19-student cohort of the methods of 2022-2025; a 25-student cohort); the original pipeline's
+# epoch on the same GPU; a profile of the step; the whole test suite. STAGES=rest skips the five
+# AT and WRN-16-1-alone runs, for a machine whose budget should go to the later stages. A summary grows in $OUT/summary.md as stages finish; each stage's output goes
 # to $OUT/stages.log and the runs' logs to $OUT/logs.tar.gz. Without a GPU the GPU stages are
 # skipped (that is how the script itself is tested).
 #
@@ -19,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-420}
+STAGES=${STAGES:-all}  # rest: skips the five epochs of AT and WRN-16-1 alone measured before
 RUNS=logs/gpu_check  # cifar.py finds teachers under logs/
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.md
@@ -99,17 +101,22 @@ if [ "$GPU" = 1 ] && [ -d $DATA/cifar-10-batches-py ]; then
   cifar=(python3 cifar.py --dataroot $DATA --nthread 8 --epoch_step '[]')
   STUDENT=(--depth 16 --width 1 --teacher_id gpu_check/teacher --beta 1e3 --alpha 0.9 --seed 1)
   stage "teacher WRN-16-2, 1 epoch" 90 "${cifar[@]}" --depth 16 --width 2 --epochs 1 --seed 1 --save $RUNS/teacher
-  stage "AT student, default path, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --save $RUNS/at_default
-  stage "AT student, --reference, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --reference --save $RUNS/at_reference
-  stage "AT student, --compile on, 3 epochs" 150 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --compile on --save $RUNS/at_compiled
-  stage "WRN-16-1 alone, default path, 3 epochs" 45 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --save $RUNS/plain_default
-  stage "WRN-16-1 alone, --compile on, 3 epochs" 120 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --compile on \
-    --save $RUNS/plain_compiled
-  stage "original pipeline, AT, 2 epochs" 120 python3 benchmarks/epoch_speed.py --dataroot $DATA --mode at \
-    --train_images 50000 --test_images 10000 --epochs 2 --nthread 8 --only original
+  if [ "$STAGES" = all ]; then
+    stage "AT student, default path, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --save $RUNS/at_default
+    stage "AT student, --reference, 3 epochs" 60 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --reference --save $RUNS/at_reference
+    stage "AT student, --compile on, 3 epochs" 150 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 --compile on --save $RUNS/at_compiled
+    stage "WRN-16-1 alone, default path, 3 epochs" 45 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --save $RUNS/plain_default
+    stage "WRN-16-1 alone, --compile on, 3 epochs" 120 "${cifar[@]}" --depth 16 --width 1 --seed 1 --epochs 3 --compile on \
+      --save $RUNS/plain_compiled
+  fi
+  stage "19-student cohort of the methods of 2022-2025, 1 epoch" 200 "${cifar[@]}" --depth 16 --width 1 \
+    --teacher_id gpu_check/teacher --epochs 1 --save $RUNS/cohort_new_methods \
+    --cohort @results/crd_protocol/members_new_methods.json
   COHORT=$(python3 -m methods columns --table table1 --seeds "1 2 3 4 5" wrn_16_2:wrn_16_1 | cut -d' ' -f3-)
   stage "25-student cohort (Table 1 row), 2 epochs" 150 "${cifar[@]}" --depth 16 --width 1 --teacher_id gpu_check/teacher \
     --epochs 2 --save $RUNS/cohort25 --cohort "$COHORT"
+  stage "original pipeline, AT, 2 epochs" 120 python3 benchmarks/epoch_speed.py --dataroot $DATA --mode at \
+    --train_images 50000 --test_images 10000 --epochs 2 --nthread 8 --only original
   stage "profile of the AT step, eager" 45 python3 benchmarks/profile_step.py --mode at
   stage "AT student, --compile on --compile_mode reduce-overhead, 3 epochs" 150 "${cifar[@]}" "${STUDENT[@]}" --epochs 3 \
     --compile on --compile_mode reduce-overhead --save $RUNS/at_cudagraphs

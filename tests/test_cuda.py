@@ -1,5 +1,7 @@
 """The GPU path against the CPU: the same arithmetic, the same data, runs that move between the
 two. Skipped where no CUDA device is visible; tests needing two GPUs are skipped on one."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from datasets import strong_view as sv
 from datasets.cifar import Loader
 from engine.members import join_networks
 from resnet import define_student, resnet
@@ -137,6 +140,88 @@ def test_compiled_step_equals_the_eager_step():
                     torch.testing.assert_close(v[k], u[k], rtol=1e-4, atol=1e-5)
             else:
                 torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)
+
+
+# The methods of 2022-2025 that read more than logits and features: a learned temperature (CTKD),
+# class activation maps (CAT-KD), region logits (SDD), the strong view (MLKD).
+PART_3 = {
+    'mlkd': ['--mlkd_beta', 0.9, '--ce_weight', 0.1],
+    'mlkd_ls': ['--mlkd_beta', 9, '--ce_weight', 0.1, '--temperature', 2, '--logit_stand'],
+    'ctkd_kd': ['--alpha', 0.9, '--ctkd'],
+    'ctkd_dkd': ['--dkd_beta', 1, '--dkd_warmup', 0, '--ctkd'],
+    'wttm': ['--wttm_beta', 4, '--wttm_gamma', 0.2],
+    'nkd': ['--nkd_beta', 1, '--nkd_gamma', 3.5, '--nkd_temperature', 3],
+    'catkd': ['--catkd_beta', 12, '--catkd_size', 2],
+    'sdd_dkd': ['--sdd_beta', 1, '--sdd_base', 'dkd', '--sdd_scales', '1,2', '--sdd_warmup', 0],
+}
+
+
+@pytest.mark.parametrize('method', sorted(PART_3))
+def test_each_newer_method_matches_the_cpu_in_fp64(method):
+    torch.manual_seed(0)
+    f_s, p_s = resnet(10, 0.5, 10)
+    f_t, p_t = resnet(10, 1, 10)  # a teacher that hands over what the method asks of it (CAT-KD: the last map)
+    teacher = (lambda x, p, prefix, **asked: f_t(x, p, False, prefix, **asked),
+               {k: v.requires_grad_(False) for k, v in p_t.items()})
+    transfer, params = join_networks(cifar_options('--teacher_id', 't', *PART_3[method]), f_s, p_s, teacher)
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    results = []
+    for device in ('cpu', GPU):
+        p = on(params, device, torch.float64)
+        strong = (x2.to(device), None) if transfer.strong_view else None
+        _, terms = transfer(x.to(device), y.to(device), p, True, strong=strong)
+        sum(terms.values()).backward()
+        results.append((terms, {k: v.grad for k, v in p.items() if v.grad is not None}))
+    (terms_c, grads_c), (terms_g, grads_g) = results
+    assert list(terms_c) == list(terms_g) and list(grads_c) == list(grads_g) and grads_c
+    for n in terms_c:
+        torch.testing.assert_close(terms_g[n].detach().cpu(), terms_c[n].detach(), rtol=1e-9, atol=1e-12, msg=n)
+    for k in grads_c:
+        torch.testing.assert_close(grads_g[k].cpu(), grads_c[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize('name', [op for op, _, _ in sv.OPERATIONS if op != 'identity'])
+def test_each_strong_view_operation_on_the_gpu_is_the_cpus(name):
+    """The same images and magnitudes give the same pixels on either device, up to a rounding of
+    the float arithmetic in between (one level, in a few pixels)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    x[:, :, :12] //= 3
+    low, high = next((lo, hi) for op, lo, hi in sv.OPERATIONS if op == name)
+    v = (low + (high - low) * torch.rand(16, generator=g, dtype=torch.float64)).float()
+    a, b = sv.APPLY[name](x, v), sv.APPLY[name](x.to(GPU), v.to(GPU)).cpu()
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (name, diff.max(), (diff > 0).float().mean())
+
+
+def test_the_newer_methods_train_and_resume_bit_for_bit_on_the_gpu(image_tree, tmp_path):
+    """Every method of 2022-2025 in one cohort on the GPU (the strong view drawn there, DOT's two
+    momenta, CTKD's temperature, two DML peers beside the teacher): stopped after an epoch and
+    resumed, each member ends bit for bit where the uninterrupted cohort ends, with finite losses."""
+    common = [*TINY, '--width', 1, '--epoch_step', '[2]', '--dataroot', image_tree, '--deterministic']
+    ok(run_cli('cifar.py', *common, '--epochs', 1, '--seed', 1, '--save', 'logs/teacher', cwd=tmp_path))
+    flags = {name: dict(zip((f.lstrip('-') for f in fl[::2]), fl[1::2])) for name, fl in PART_3.items()
+             if '--logit_stand' not in fl and '--ctkd' not in fl}
+    members = [{'name': n, 'seed': 2, **f} for n, f in flags.items()]
+    members += [{'name': 'ctkd', 'seed': 2, 'alpha': 0.9, 'ctkd': True},
+                {'name': 'kd_dot', 'seed': 2, 'alpha': 0, 'ce_weight': 0.1, 'kd_beta': 0.9, 'dot_delta': 0.075},
+                {'name': 'dml_1', 'seed': 3, 'alpha': 0.9, 'dml_beta': 1},
+                {'name': 'dml_2', 'seed': 4, 'alpha': 0.9, 'dml_beta': 1}]
+    run = [*common, '--width', 0.5, '--teacher_id', 'teacher', '--cohort', json.dumps(members)]
+    ok(run_cli('cifar.py', *run, '--epochs', 2, '--save', 'logs/straight', cwd=tmp_path))
+    ok(run_cli('cifar.py', *run, '--epochs', 1, '--save', 'logs/split', cwd=tmp_path))
+    ok(run_cli('cifar.py', *run, '--epochs', 2, '--save', 'logs/split', '--resume', 'logs/split', cwd=tmp_path))
+    for m in members:
+        a = checkpoint(tmp_path / 'logs/straight' / m['name'])['params']
+        b = checkpoint(tmp_path / 'logs/split' / m['name'])['params']
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m['name']
+        straight, split = (log_lines(tmp_path / 'logs' / run / m['name']) for run in ('straight', 'split'))
+        assert [r['epoch'] for r in straight] == [r['epoch'] for r in split] == [1, 2], m['name']
+        for key in ('train_loss', 'test_loss', 'test_acc'):
+            assert [r[key] for r in straight] == [r[key] for r in split], (m['name'], key)
+        assert all(math.isfinite(r['train_loss']) and math.isfinite(r['test_loss']) for r in straight), m['name']
 
 
 # ----------------------------------------------------------------------------------------------
