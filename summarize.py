@@ -277,19 +277,26 @@ def paired_table(runs, names):
             raise UserError(f'--paired {name}: {len(by_name[name])} runs have that folder name '
                             f'({", ".join(r["dir"] for r in by_name[name])}); pass one cohort')
     bases = [by_name[name][0] for name in names]
+    network, lr = student_name(bases[0]['options']), bases[0]['options'].get('lr')
+    # Another network (a teacher's log beside its students) shares neither weights nor a step.
+    others = [r for r in runs if student_name(r['options']) != network]
     header = (['run', 'weights', 'seed', 'final error %']
               + [f'gain over {name}' for name in names] + ['best error %'])
-    rows, ordered = [], sorted(runs, key=lambda r: r['errors'][-1])
+    rows, ordered = [], sorted((r for r in runs if r not in others), key=lambda r: r['errors'][-1])
     for run in ordered:
         final = run['errors'][-1]
         gains = ['-' if base is run else f'{base["errors"][-1] - final:+.2f}' for base in bases]
         o = run['options']
-        rows.append([os.path.basename(os.path.normpath(run['dir'])), method_weights(o),
+        weights = method_weights(o) + (f', lr {o["lr"]}' if o.get('lr') != lr else '')
+        rows.append([os.path.basename(os.path.normpath(run['dir'])), weights,
                      str(o.get('seed', '-')), fmt(final), *gains, fmt(min(run['errors']))])
     lines = ['| ' + ' | '.join(r) + ' |' for r in [header, ['---'] * len(header)] + rows]
     unfinished = [row[0] for row, run in zip(rows, ordered) if not run['finished']]
     if unfinished:
         lines += ['', f'unfinished (their latest epoch): {", ".join(unfinished)}']
+    if others:
+        lines += ['', f'not paired (not a {network}): '
+                  + ', '.join(os.path.basename(os.path.normpath(r['dir'])) for r in others)]
     return '\n'.join(lines)
 
 

@@ -179,17 +179,19 @@ def test_paired_table_gives_each_cohort_member_its_gain_over_the_members_named(t
     write_log(tmp_path / 'cohort/student', ours([40.0, 33.0, 32.5], beta=0))
     write_log(tmp_path / 'cohort/at', ours([35.0, 30.0, 29.0]))
     write_log(tmp_path / 'cohort/kd', ours([38.0, 31.0], beta=0, alpha=0.9))  # one epoch to go
-    write_log(tmp_path / 'cohort/sp', ours([60.0, 50.0, 45.0], beta=0, sp_beta=3000.0))
+    write_log(tmp_path / 'cohort/sp', ours([60.0, 50.0, 45.0], beta=0, sp_beta=3000.0, lr=0.05))
+    write_log(tmp_path / 'cohort/teacher', ours([30.0, 20.0, 10.0], beta=0, width=2))  # its log beside them
     monkeypatch.chdir(tmp_path)
     summarize.main(['cohort', '--paired', 'student,at'])
     out = capsys.readouterr().out
     paired = table_rows(out[out.index('| run |'):])
-    assert [r['run'] for r in paired] == ['at', 'kd', 'student', 'sp']  # best first
+    assert [r['run'] for r in paired] == ['at', 'kd', 'student', 'sp']  # best first; the teacher is no pair
     gains = {r['run']: (r['gain over student'], r['gain over at']) for r in paired}
     assert gains == {'at': ('+3.50', '-'), 'kd': ('+1.50', '-2.00'), 'student': ('-', '-3.50'),
                      'sp': ('-12.50', '-16.00')}
-    assert next(r for r in paired if r['run'] == 'sp')['weights'] == 'sp_beta 3000'
+    assert next(r for r in paired if r['run'] == 'sp')['weights'] == 'sp_beta 3000, lr 0.05'  # its own rate
     assert 'unfinished (their latest epoch): kd' in out
+    assert 'not paired (not a WRN-16-1): teacher' in out
 
     for names, message in [('student,ab', '--paired ab: no run folder of that name'),
                            ('student', '--paired student: 2 runs have that folder name')]:
