@@ -282,7 +282,8 @@ def paired_table(runs, names):
     others = [r for r in runs if student_name(r['options']) != network]
     header = (['run', 'weights', 'seed', 'final error %']
               + [f'gain over {name}' for name in names] + ['best error %'])
-    rows, ordered = [], sorted((r for r in runs if r not in others), key=lambda r: r['errors'][-1])
+    ordered = sorted((r for r in runs if student_name(r['options']) == network), key=lambda r: r['errors'][-1])
+    rows = []
     for run in ordered:
         final = run['errors'][-1]
         gains = ['-' if base is run else f'{base["errors"][-1] - final:+.2f}' for base in bases]

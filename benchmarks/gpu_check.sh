@@ -9,9 +9,10 @@
 # on the default path, compiled, compiled with CUDA graphs and --reference; WRN-16-1 alone; the
 # 19-student cohort of the methods of 2022-2025; a 25-student cohort); the original pipeline's
 # epoch on the same GPU; a profile of the step; the whole test suite. STAGES=rest skips the five
-# AT and WRN-16-1-alone runs, for a machine whose budget should go to the later stages. A summary grows in $OUT/summary.md as stages finish; each stage's output goes
-# to $OUT/stages.log and the runs' logs to $OUT/logs.tar.gz. Without a GPU the GPU stages are
-# skipped (that is how the script itself is tested).
+# AT and WRN-16-1-alone runs, for a machine whose budget should go to the later stages. A summary
+# grows in $OUT/summary.md as stages finish; each stage's output goes to $OUT/stages.log and the
+# runs' logs to $OUT/logs.tar.gz. Without a GPU the GPU stages are skipped (that is how the script
+# itself is tested).
 #
 # Needs, in the checkout (both git-ignored): .whl/pytorch_ignite-*.whl where ignite is not
 # installed, and data/cifar10-jpeg.tar.gz (train/<class>/*.jpg, test/<class>/*.jpg) for the

@@ -142,8 +142,8 @@ def test_compiled_step_equals_the_eager_step():
                 torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)
 
 
-# The methods of 2022-2025 that read more than logits and features: a learned temperature (CTKD),
-# class activation maps (CAT-KD), region logits (SDD), the strong view (MLKD).
+# The methods of 2022-2025 with what each reads beyond the logits: a learned temperature (CTKD),
+# the last map and the classifier (CAT-KD, SDD), the strong view (MLKD).
 PART_3 = {
     'mlkd': ['--mlkd_beta', 0.9, '--ce_weight', 0.1],
     'mlkd_ls': ['--mlkd_beta', 9, '--ce_weight', 0.1, '--temperature', 2, '--logit_stand'],
@@ -158,12 +158,7 @@ PART_3 = {
 
 @pytest.mark.parametrize('method', sorted(PART_3))
 def test_each_newer_method_matches_the_cpu_in_fp64(method):
-    torch.manual_seed(0)
-    f_s, p_s = resnet(10, 0.5, 10)
-    f_t, p_t = resnet(10, 1, 10)  # a teacher that hands over what the method asks of it (CAT-KD: the last map)
-    teacher = (lambda x, p, prefix, **asked: f_t(x, p, False, prefix, **asked),
-               {k: v.requires_grad_(False) for k, v in p_t.items()})
-    transfer, params = join_networks(cifar_options('--teacher_id', 't', *PART_3[method]), f_s, p_s, teacher)
+    transfer, params = join_networks(cifar_options('--teacher_id', 't', *PART_3[method]), *wrn_pair())
     g = torch.Generator().manual_seed(0)
     x, x2 = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64, generator=g)
     y = torch.randint(0, 10, (4,), generator=g)
@@ -202,13 +197,15 @@ def test_the_newer_methods_train_and_resume_bit_for_bit_on_the_gpu(image_tree, t
     resumed, each member ends bit for bit where the uninterrupted cohort ends, with finite losses."""
     common = [*TINY, '--width', 1, '--epoch_step', '[2]', '--dataroot', image_tree, '--deterministic']
     ok(run_cli('cifar.py', *common, '--epochs', 1, '--seed', 1, '--save', 'logs/teacher', cwd=tmp_path))
-    flags = {name: dict(zip((f.lstrip('-') for f in fl[::2]), fl[1::2])) for name, fl in PART_3.items()
-             if '--logit_stand' not in fl and '--ctkd' not in fl}
-    members = [{'name': n, 'seed': 2, **f} for n, f in flags.items()]
-    members += [{'name': 'ctkd', 'seed': 2, 'alpha': 0.9, 'ctkd': True},
-                {'name': 'kd_dot', 'seed': 2, 'alpha': 0, 'ce_weight': 0.1, 'kd_beta': 0.9, 'dot_delta': 0.075},
-                {'name': 'dml_1', 'seed': 3, 'alpha': 0.9, 'dml_beta': 1},
-                {'name': 'dml_2', 'seed': 4, 'alpha': 0.9, 'dml_beta': 1}]
+    members = [{'name': 'mlkd', 'seed': 2, 'mlkd_beta': 0.9, 'ce_weight': 0.1},
+               {'name': 'ctkd', 'seed': 2, 'alpha': 0.9, 'ctkd': True},
+               {'name': 'wttm', 'seed': 2, 'wttm_beta': 4, 'wttm_gamma': 0.2},
+               {'name': 'nkd', 'seed': 2, 'nkd_beta': 1, 'nkd_gamma': 3.5, 'nkd_temperature': 3},
+               {'name': 'catkd', 'seed': 2, 'catkd_beta': 12, 'catkd_size': 2},
+               {'name': 'sdd_dkd', 'seed': 2, 'sdd_beta': 1, 'sdd_base': 'dkd', 'sdd_scales': '1,2', 'sdd_warmup': 0},
+               {'name': 'kd_dot', 'seed': 2, 'alpha': 0, 'ce_weight': 0.1, 'kd_beta': 0.9, 'dot_delta': 0.075},
+               {'name': 'dml_1', 'seed': 3, 'alpha': 0.9, 'dml_beta': 1},
+               {'name': 'dml_2', 'seed': 4, 'alpha': 0.9, 'dml_beta': 1}]
     run = [*common, '--width', 0.5, '--teacher_id', 'teacher', '--cohort', json.dumps(members)]
     ok(run_cli('cifar.py', *run, '--epochs', 2, '--save', 'logs/straight', cwd=tmp_path))
     ok(run_cli('cifar.py', *run, '--epochs', 1, '--save', 'logs/split', cwd=tmp_path))
@@ -217,7 +214,7 @@ def test_the_newer_methods_train_and_resume_bit_for_bit_on_the_gpu(image_tree, t
         a = checkpoint(tmp_path / 'logs/straight' / m['name'])['params']
         b = checkpoint(tmp_path / 'logs/split' / m['name'])['params']
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m['name']
-        straight, split = (log_lines(tmp_path / 'logs' / run / m['name']) for run in ('straight', 'split'))
+        straight, split = (log_lines(tmp_path / 'logs' / which / m['name']) for which in ('straight', 'split'))
         assert [r['epoch'] for r in straight] == [r['epoch'] for r in split] == [1, 2], m['name']
         for key in ('train_loss', 'test_loss', 'test_acc'):
             assert [r[key] for r in straight] == [r[key] for r in split], (m['name'], key)

@@ -30,7 +30,7 @@ def wrn_pair(student_width=0.5, teacher_width=1, teacher_depth=10):
     torch.manual_seed(0)
     f_s, p_s = resnet(10, student_width, 10)
     f_t, p_t = resnet(teacher_depth, teacher_width, 10)
-    return f_s, p_s, (lambda x, p, prefix: f_t(x, p, False, prefix),
+    return f_s, p_s, (lambda x, p, prefix, **asked: f_t(x, p, False, prefix, **asked),
                       {k: v.requires_grad_(False) for k, v in p_t.items()})
 
 
